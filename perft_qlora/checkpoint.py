@@ -1,0 +1,169 @@
+"""Adapters on disk: ``adapter_config.json`` + ``adapter_model.safetensors`` (adapter weights only, no pickle).
+
+Saves are atomic: files are written into a temporary sibling directory, which then replaces the target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .arch import decoder_layers, get_arch
+from .config import PerftConfig
+from .model import attach_perft, detach_perft, iter_perft_blocks
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+class AdapterError(ValueError):
+    """An adapter directory that cannot be used with this model."""
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """Adapter and PERFT-router tensors, keyed ``layers.{i}.perft_{router,experts}.{name}``."""
+    state = {}
+    for i, block in iter_perft_blocks(model):
+        for prefix, module in (("perft_router", block.perft_router), ("perft_experts", block.perft_experts)):
+            for name, param in module.named_parameters():
+                state[f"layers.{i}.{prefix}.{name}"] = param.detach()
+    return state
+
+
+def _adapter_metadata(model) -> dict:
+    arch = get_arch(model.config)
+    config: PerftConfig = model.perft_config
+    return {
+        "format_version": FORMAT_VERSION,
+        "library": "perft_qlora",
+        "library_version": __version__,
+        "perft": config.to_dict(),
+        "base_model_name_or_path": getattr(model.config, "_name_or_path", None),
+        "model_type": arch.model_type,
+        "hidden_size": model.config.hidden_size,
+        "num_experts": arch.num_experts(model.config),
+        "num_layers": len(decoder_layers(model)),
+        "layers": [i for i, _ in iter_perft_blocks(model)],
+    }
+
+
+def save_adapter(model, directory: str, extra_metadata: dict | None = None) -> str:
+    """Write the attached adapter to ``directory`` atomically; returns the directory."""
+    if getattr(model, "perft_config", None) is None:
+        raise AdapterError("no PERFT adapter is attached to this model; call attach_perft first")
+    directory = os.path.abspath(directory)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    metadata = _adapter_metadata(model)
+    if extra_metadata:
+        metadata["extra"] = extra_metadata
+    staging = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
+    try:
+        state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+        save_file(state, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(staging, CONFIG_NAME), "w") as f:
+            json.dump(metadata, f, indent=2)
+        if os.path.exists(directory):
+            retired = tempfile.mkdtemp(prefix=".adapter-old-", dir=parent)
+            old = os.path.join(retired, "old")
+            os.replace(directory, old)
+            try:
+                os.replace(staging, directory)
+            except BaseException:
+                os.replace(old, directory)  # put the previous adapter back
+                raise
+            finally:
+                shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_adapter_config(directory: str) -> dict:
+    """The parsed ``adapter_config.json`` of ``directory``, checked for format version."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise AdapterError(f"{directory} is not an adapter directory: {CONFIG_NAME} is missing")
+    try:
+        with open(path) as f:
+            metadata = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{path} is corrupt: {err}") from err
+    version = metadata.get("format_version") if isinstance(metadata, dict) else None
+    if version != FORMAT_VERSION:
+        raise AdapterError(
+            f"{path} has format_version {version!r}; this perft_qlora ({__version__}) reads version {FORMAT_VERSION}"
+        )
+    return metadata
+
+
+def _check_compatible(model, metadata: dict, directory: str) -> None:
+    arch = get_arch(model.config)
+    expected = {
+        "model_type": arch.model_type,
+        "hidden_size": model.config.hidden_size,
+        "num_experts": arch.num_experts(model.config),
+        "num_layers": len(decoder_layers(model)),
+    }
+    for key, value in expected.items():
+        if metadata.get(key) != value:
+            raise AdapterError(
+                f"adapter in {directory} was trained for {key}={metadata.get(key)!r} but this model has {value!r}"
+            )
+
+
+def load_adapter(model, directory: str):
+    """Attach (if needed) and load the adapter in ``directory`` into ``model``; returns the model."""
+    metadata = read_adapter_config(directory)
+    _check_compatible(model, metadata, directory)
+    try:
+        config = PerftConfig.from_dict(metadata["perft"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise AdapterError(f"{directory}/{CONFIG_NAME} has an invalid 'perft' section: {err}") from err
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(weights_path):
+        raise AdapterError(f"{directory} has no {WEIGHTS_NAME}")
+    try:
+        state = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(f"{weights_path} is corrupt: {err}") from err
+    attached_here = getattr(model, "perft_config", None) is None
+    if attached_here:
+        attach_perft(model, config)
+    elif model.perft_config != config:
+        raise AdapterError(f"the attached adapter's config differs from {directory}'s; load it into a fresh base model")
+    try:
+        _copy_weights(model, state, metadata, weights_path)
+    except AdapterError:
+        if attached_here:  # leave the model as it came: no half-loaded adapter
+            detach_perft(model)
+        raise
+    return model
+
+
+def _copy_weights(model, state: dict[str, torch.Tensor], metadata: dict, weights_path: str) -> None:
+    """Check every key and shape first, then copy, so a bad file changes nothing."""
+    layers = [i for i, _ in iter_perft_blocks(model)]
+    if layers != metadata.get("layers"):
+        raise AdapterError(f"adapter {weights_path} covers layers {metadata.get('layers')}, the model has {layers}")
+    current = adapter_state_dict(model)
+    missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
+    if missing or unexpected:
+        raise AdapterError(f"{weights_path} does not match: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for key, param in current.items():
+        if state[key].shape != param.shape:
+            raise AdapterError(f"{key} has shape {tuple(state[key].shape)} in {weights_path}, expected {tuple(param.shape)}")
+    with torch.no_grad():
+        for key, param in current.items():
+            param.copy_(state[key])

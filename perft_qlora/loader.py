@@ -1,0 +1,224 @@
+"""``load_model``: an OLMoE / Mixtral checkpoint with every big weight in NF4, the experts included.
+
+How it loads: the model is built on the ``meta`` device (no memory), its attention/projection
+``nn.Linear`` modules become bitsandbytes ``Linear4bit`` (NF4) and its fused experts become
+:class:`~perft_qlora.nf4_experts.NF4Experts`. Then the checkpoint is streamed one decoder layer at a
+time: each tensor is read from the safetensors files, moved to the device, quantized there if it is big,
+and its bf16 copy dropped. Peak memory while loading is the final NF4 footprint plus one expert matrix (or
+one layer's small tensors) in bf16. Embeddings, norms, routers and ``lm_head`` stay in the compute dtype
+(the router must be exact for PERFT-E).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Literal
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .arch import MoEArch, decoder_layers, get_arch
+from .checkpoint_reader import CheckpointReader
+from .nf4 import NF4Weight
+from .nf4_experts import NF4Experts
+from .quant_guard import disable_cpu_weight_repacking
+
+logger = logging.getLogger(__name__)
+
+BLOCKSIZE = 64
+
+
+def load_model(
+    name_or_path: str,
+    quantize: Literal["nf4", "none"] = "nf4",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    double_quant: bool = True,
+    revision: str | None = None,
+    progress: bool = True,
+):
+    """Load a supported MoE causal LM and its tokenizer, frozen, in eval mode.
+
+    Args:
+        name_or_path: a local directory written by ``save_pretrained`` or a Hub model id.
+        quantize: ``"nf4"`` (experts and linears in NF4) or ``"none"`` (plain ``dtype`` weights).
+        device: where the weights live; default ``cuda`` when available, else ``cpu``.
+        dtype: compute dtype of unquantized weights and of the matmuls.
+        double_quant: also quantize the NF4 block scales (bitsandbytes' ``compress_statistics``).
+    Returns:
+        ``(model, tokenizer)``.
+    """
+    if quantize not in ("nf4", "none"):
+        raise ValueError(f"quantize must be 'nf4' or 'none', got {quantize!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    directory = _resolve_checkpoint(name_or_path, revision)
+    config = AutoConfig.from_pretrained(directory)
+    arch = get_arch(config)  # fail on unsupported families before touching weights
+    tokenizer = _load_tokenizer(directory)
+    if quantize == "none":
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map={"": device})
+    else:
+        model = _load_nf4(directory, config, arch, device, dtype, double_quant, progress)
+    model.name_or_path = name_or_path
+    model.config._name_or_path = name_or_path
+    model.requires_grad_(False)
+    model.eval()
+    return model, tokenizer
+
+
+def _resolve_checkpoint(name_or_path: str, revision: str | None) -> str:
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            name_or_path, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        )
+    except Exception as err:  # network, auth, or a typo: say which
+        raise FileNotFoundError(
+            f"{name_or_path!r} is not a local directory and could not be fetched from the Hugging Face Hub ({err}). "
+            "Pass a directory written by save_pretrained, or check the model id and your network."
+        ) from err
+
+
+def _load_tokenizer(directory: str):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception as err:
+        raise FileNotFoundError(
+            f"no usable tokenizer in {directory} ({err}); save one there with tokenizer.save_pretrained"
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_nf4(directory, config, arch: MoEArch, device, dtype, double_quant, progress):
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layers = decoder_layers(model)
+    with CheckpointReader(directory) as reader:
+        layer_prefixes = [f"model.layers.{i}." for i in range(len(layers))]
+        _load_tensors(model, reader, lambda name: not name.startswith("model.layers."), device, dtype, arch)
+        for i, layer in enumerate(tqdm(layers, desc="loading NF4 layers", disable=not progress)):
+            prefix = layer_prefixes[i]
+            moe = getattr(layer, arch.moe_block)
+            experts = getattr(moe, arch.experts)
+            setattr(moe, arch.experts, _load_experts(reader, prefix, arch, experts, device, dtype, double_quant))
+            _replace_linears(layer, device, dtype, double_quant)
+            _load_tensors(model, reader, lambda name, p=prefix: name.startswith(p), device, dtype, arch)
+        unused = [k for k in reader.keys() if k not in reader.used]
+        if unused:
+            logger.warning("checkpoint tensors not used by the model: %s", unused[:8])
+    _tie_output_embeddings(model)
+    _rebuild_meta_buffers(model, device)
+    disable_cpu_weight_repacking(model)
+    return model
+
+
+def _checkpoint_keys(name: str, arch: MoEArch) -> list[str]:
+    """Names a model tensor may have in a checkpoint (Mixtral's hub files say ``block_sparse_moe``)."""
+    keys = [name]
+    for other in arch.checkpoint_block_names:
+        keys.append(name.replace(f".{arch.moe_block}.", f".{other}.", 1))
+    return keys
+
+
+def _read(reader: CheckpointReader, name: str, arch: MoEArch) -> torch.Tensor:
+    for key in _checkpoint_keys(name, arch):
+        if key in reader:
+            return reader.get(key)
+    raise KeyError(name)
+
+
+def _load_tensors(model, reader, select, device, dtype, arch) -> None:
+    """Fill every still-meta parameter and persistent buffer whose name passes ``select``."""
+    missing = []
+    for name, tensor in list(model.state_dict(keep_vars=True).items()):
+        if not select(name) or not tensor.is_meta:
+            continue
+        try:
+            value = _read(reader, name, arch)
+        except KeyError:
+            missing.append(name)
+            continue
+        value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
+            module.weight = bnb.nn.Params4bit(
+                value, requires_grad=False, blocksize=BLOCKSIZE, compress_statistics=module.weight.compress_statistics,
+                quant_type="nf4", module=module,
+            ).to(device)  # Params4bit quantizes on its first move to a device
+        elif attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        else:
+            module._buffers[attr] = value
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = [m for m in missing if m not in tied]
+    if missing:
+        raise KeyError(f"checkpoint is missing {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}")
+
+
+def _load_experts(reader, prefix, arch: MoEArch, experts, device, dtype, double_quant) -> NF4Experts:
+    num_experts = experts.gate_up_proj.shape[0]
+    fused = f"{prefix}{arch.moe_block}.{arch.experts}."
+
+    def expert_matrices(which: str):
+        for e in range(num_experts):
+            if fused + which in reader:  # transformers-5 fused layout
+                weight = reader.get_row(fused + which, e)
+            elif which == "gate_up_proj":
+                gate_key, up_key, _ = (prefix + k.format(e=e) for k in arch.expert_checkpoint_keys)
+                weight = torch.cat([reader.get(gate_key), reader.get(up_key)], dim=0)  # (2I, H)
+            else:
+                weight = reader.get(prefix + arch.expert_checkpoint_keys[2].format(e=e))  # (H, I)
+            yield weight.to(device=device, dtype=dtype)
+
+    try:
+        gate_up = NF4Weight.from_experts(expert_matrices("gate_up_proj"), double_quant, BLOCKSIZE)
+        down = NF4Weight.from_experts(expert_matrices("down_proj"), double_quant, BLOCKSIZE)
+    except KeyError as err:
+        raise KeyError(f"checkpoint has no expert weights for {prefix} ({err})") from err
+    return NF4Experts(gate_up, down, hidden_act=experts.config.hidden_act)
+
+
+def _replace_linears(layer: nn.Module, device, dtype, double_quant) -> None:
+    """Swap the layer's ``nn.Linear`` modules for meta ``Linear4bit`` ones, filled by ``_load_tensors``."""
+    for name, module in list(layer.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        if device.type == "cpu" and module.in_features % BLOCKSIZE:
+            # bitsandbytes' CPU kernels mis-index rows that are not whole blocks; keep this one unquantized.
+            logger.warning("keeping %s in %s: in_features=%d is not a multiple of %d on CPU", name, dtype, module.in_features, BLOCKSIZE)
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        quantized = bnb.nn.Linear4bit(
+            module.in_features, module.out_features, bias=module.bias is not None, compute_dtype=dtype,
+            compress_statistics=double_quant, quant_type="nf4", device="meta",
+        )
+        setattr(layer.get_submodule(parent_name), attr, quantized)
+
+
+def _tie_output_embeddings(model) -> None:
+    output = model.get_output_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and output is not None and output.weight.is_meta:
+        output.weight = model.get_input_embeddings().weight
+
+
+def _rebuild_meta_buffers(model, device) -> None:
+    """Re-create modules whose non-persistent buffers (rotary ``inv_freq``) are still on ``meta``."""
+    for name, module in list(model.named_modules()):
+        if not any(b is not None and b.is_meta for b in module._buffers.values()):
+            continue
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            raise RuntimeError(f"{name} still has meta parameters after loading")
+        with torch.device(device):
+            fresh = type(module)(config=model.config)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, fresh)

@@ -1,0 +1,49 @@
+"""The PERFT router's Switch-style balance loss, added to the model's loss by a forward hook.
+
+``M · Σ_j f_j · P_j`` over all layers' PERFT router logits, computed by transformers' own
+``load_balancing_loss_func`` (the one the base model uses for its router), padding excluded.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
+
+from .layer import PerftMoEBlock
+
+
+def perft_router_logits(model) -> list[torch.Tensor]:
+    """(T, M) logits of every trainable PERFT router from the latest forward."""
+    return [
+        m.last_routing.logits
+        for m in model.modules()
+        if isinstance(m, PerftMoEBlock) and m.last_routing is not None and m.last_routing.logits is not None
+    ]
+
+
+def perft_balance_loss(model, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The unweighted balance loss of the latest forward, or None when no router is trainable."""
+    logits = perft_router_logits(model)
+    if not logits:
+        return None
+    num_experts = logits[0].shape[-1]
+    top_k = next(m.perft_router.top_k for m in model.modules() if isinstance(m, PerftMoEBlock))
+    return load_balancing_loss_func(tuple(logits), num_experts, top_k, attention_mask)
+
+
+class BalanceLossHook:
+    """Forward hook for the top-level model: ``loss += coef * balance_loss`` and ``perft_aux_loss`` in the output."""
+
+    def __init__(self, coef: float):
+        self.coef = coef
+
+    def __call__(self, model, args, kwargs, output):
+        if not hasattr(output, "logits"):
+            return output
+        aux = perft_balance_loss(model, kwargs.get("attention_mask"))
+        if aux is None:
+            return output
+        output["perft_aux_loss"] = aux
+        if getattr(output, "loss", None) is not None and self.coef:
+            output["loss"] = output.loss + self.coef * aux.to(output.loss.device)
+        return output

@@ -1,0 +1,60 @@
+"""Tiny OLMoE / Mixtral models and a byte-level tokenizer, built locally (no download).
+
+Used by the tests and the ``--demo`` runs. Sizes are multiples of 64 so that every weight is a whole
+number of NF4 blocks per row, as in the real models.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
+
+
+def build_byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A deterministic byte-level tokenizer: 256 byte tokens plus end-of-text and padding."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
+    for token in SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=SPECIAL_TOKENS[0], bos_token=SPECIAL_TOKENS[0], pad_token=SPECIAL_TOKENS[1]
+    )
+
+
+def tiny_config(arch: str = "olmoe", **overrides):
+    """A small config of the given family with the real structure (fused experts, top-K router)."""
+    vocab = 258
+    common = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, num_experts_per_tok=2, eos_token_id=256,
+        bos_token_id=256, pad_token_id=257, tie_word_embeddings=False,
+    )
+    if arch == "olmoe":
+        config = OlmoeConfig(**{**common, "num_experts": 8, **overrides})
+    elif arch == "mixtral":
+        config = MixtralConfig(**{**common, "num_local_experts": 4, **overrides})
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; use 'olmoe' or 'mixtral'")
+    return config
+
+
+def save_tiny_model(directory: str, arch: str = "olmoe", seed: int = 0, dtype=torch.bfloat16, **overrides) -> str:
+    """Write a randomly initialised tiny model and its tokenizer to ``directory`` with ``save_pretrained``."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=dtype)
+    # Router weights start at zero in OLMoE's init; give them values so routing is not a tie everywhere.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0.0, 0.5)
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)
+    build_byte_tokenizer().save_pretrained(directory)
+    return directory
