@@ -102,16 +102,16 @@ def _load_nf4(directory, config, arch: MoEArch, device, dtype, double_quant, pro
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = decoder_layers(model)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     with CheckpointReader(directory) as reader:
-        layer_prefixes = [f"model.layers.{i}." for i in range(len(layers))]
-        _load_tensors(model, reader, lambda name: not name.startswith("model.layers."), device, dtype, arch)
+        _load_tensors(model, "", reader, device, dtype, arch, skip_prefix="model.layers.", optional=tied)
         for i, layer in enumerate(tqdm(layers, desc="loading NF4 layers", disable=not progress)):
-            prefix = layer_prefixes[i]
+            prefix = f"model.layers.{i}."
             moe = getattr(layer, arch.moe_block)
             experts = getattr(moe, arch.experts)
             setattr(moe, arch.experts, _load_experts(reader, prefix, arch, experts, device, dtype, double_quant))
             _replace_linears(layer, device, dtype, double_quant)
-            _load_tensors(model, reader, lambda name, p=prefix: name.startswith(p), device, dtype, arch)
+            _load_tensors(layer, prefix, reader, device, dtype, arch)
         unused = [k for k in reader.keys() if k not in reader.used]
         if unused:
             logger.warning("checkpoint tensors not used by the model: %s", unused[:8])
@@ -136,20 +136,31 @@ def _read(reader: CheckpointReader, name: str, arch: MoEArch) -> torch.Tensor:
     raise KeyError(name)
 
 
-def _load_tensors(model, reader, select, device, dtype, arch) -> None:
-    """Fill every still-meta parameter and persistent buffer whose name passes ``select``."""
+def _meta_tensors(root: nn.Module, prefix: str):
+    """(module, full name, attribute) of every still-meta parameter and persistent buffer under ``root``."""
+    for module_name, module in root.named_modules(prefix=prefix.rstrip(".")):
+        persistent = [(n, b) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set]
+        for attr, tensor in list(module._parameters.items()) + persistent:
+            if tensor is not None and tensor.is_meta:
+                yield module, f"{module_name}.{attr}" if module_name else attr, attr
+
+
+def _load_tensors(root, prefix, reader, device, dtype, arch, skip_prefix=None, optional=frozenset()) -> None:
+    """Fill the meta tensors under ``root`` (named from ``prefix``), except names starting with ``skip_prefix``.
+
+    Walks only ``root``'s own subtree, so loading layer by layer touches each module once.
+    """
     missing = []
-    for name, tensor in list(model.state_dict(keep_vars=True).items()):
-        if not select(name) or not tensor.is_meta:
+    for module, name, attr in list(_meta_tensors(root, prefix)):
+        if skip_prefix and name.startswith(skip_prefix):
             continue
         try:
             value = _read(reader, name, arch)
         except KeyError:
-            missing.append(name)
+            if name not in optional:
+                missing.append(name)
             continue
         value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
         if isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
             module.weight = bnb.nn.Params4bit(
                 value, requires_grad=False, blocksize=BLOCKSIZE, compress_statistics=module.weight.compress_statistics,
@@ -159,8 +170,6 @@ def _load_tensors(model, reader, select, device, dtype, arch) -> None:
             module._parameters[attr] = nn.Parameter(value, requires_grad=False)
         else:
             module._buffers[attr] = value
-    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    missing = [m for m in missing if m not in tied]
     if missing:
         raise KeyError(f"checkpoint is missing {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}")
 

@@ -12,23 +12,28 @@ from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 from .layer import PerftMoEBlock
 
 
-def perft_router_logits(model) -> list[torch.Tensor]:
-    """(T, M) logits of every trainable PERFT router from the latest forward."""
+def _trainable_routings(model):
+    """(router, routing) of every PERFT block whose router is trainable, from the latest forward."""
     return [
-        m.last_routing.logits
+        (m.perft_router, m.last_routing)
         for m in model.modules()
         if isinstance(m, PerftMoEBlock) and m.last_routing is not None and m.last_routing.logits is not None
     ]
 
 
+def perft_router_logits(model) -> list[torch.Tensor]:
+    """(T, M) logits of every trainable PERFT router from the latest forward."""
+    return [routing.logits for _, routing in _trainable_routings(model)]
+
+
 def perft_balance_loss(model, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
     """The unweighted balance loss of the latest forward, or None when no router is trainable."""
-    logits = perft_router_logits(model)
-    if not logits:
+    routings = _trainable_routings(model)
+    if not routings:
         return None
-    num_experts = logits[0].shape[-1]
-    top_k = next(m.perft_router.top_k for m in model.modules() if isinstance(m, PerftMoEBlock))
-    return load_balancing_loss_func(tuple(logits), num_experts, top_k, attention_mask)
+    router = routings[0][0]
+    logits = tuple(routing.logits for _, routing in routings)
+    return load_balancing_loss_func(logits, router.num_experts, router.top_k, attention_mask)
 
 
 class BalanceLossHook:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .kernels import tokens_by_expert
 from .nf4 import NF4Weight
 
 
@@ -53,8 +54,7 @@ class NF4Experts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)  # (T, H)
-        for expert in torch.unique(top_k_index).tolist():
-            token, slot = torch.where(top_k_index == expert)  # (n,), (n,)
+        for expert, token, slot in tokens_by_expert(top_k_index):  # (n,), (n,)
             gate, up = nf4_expert_matmul(hidden_states[token], self.gate_up_proj, expert).chunk(2, dim=-1)  # (n, I) x2
             y = nf4_expert_matmul(self.act_fn(gate) * up, self.down_proj, expert)  # (n, H)
             # Weights may be float32 (Mixtral's router); multiply first, then cast, as transformers does.

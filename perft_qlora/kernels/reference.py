@@ -39,6 +39,17 @@ def dequantize_nf4_reference(
     return values.to(dtype).reshape(shape)
 
 
+def tokens_by_expert(indices: torch.Tensor):
+    """Yield ``(expert, token, slot)`` for every expert chosen at least once in ``indices`` (T, K).
+
+    ``token``, ``slot``: (n,) int64 with ``indices[token, slot] == expert``. Shared by every plain-PyTorch
+    routed computation (frozen NF4 experts and the PEFT experts alike).
+    """
+    for expert in torch.unique(indices).tolist():
+        token, slot = torch.where(indices == expert)  # (n,), (n,)
+        yield expert, token, slot
+
+
 def routed_adapter_reference(
     x: torch.Tensor,
     down: torch.Tensor,
@@ -59,8 +70,7 @@ def routed_adapter_reference(
         out: (T, D) in x's dtype.
     """
     out = torch.zeros_like(x)
-    for expert in torch.unique(indices).tolist():
-        token, slot = torch.where(indices == expert)  # (n,), (n,)
+    for expert, token, slot in tokens_by_expert(indices):
         hidden = x[token] @ down[expert].t()  # (n, DB)
         if activation is not None:
             hidden = activation(hidden)
