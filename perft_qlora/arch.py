@@ -95,7 +95,9 @@ def get_arch(config: PretrainedConfig) -> MoEArch:
 
 
 def decoder_layers(model) -> list:
-    """The decoder layers of a ``*ForCausalLM`` model (``model.model.layers``)."""
+    """The decoder layers of a ``*ForCausalLM`` model (``model.model.layers``), also inside a peft ``PeftModel``."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     backbone = getattr(model, "model", model)
     layers = getattr(backbone, "layers", None)
     if layers is None:

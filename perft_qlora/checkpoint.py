@@ -56,10 +56,20 @@ def _adapter_metadata(model) -> dict:
 
 
 def save_adapter(model, directory: str, extra_metadata: dict | None = None) -> str:
-    """Write the attached adapter to ``directory`` atomically; returns the directory."""
+    """Write the attached adapter to ``directory`` atomically; returns the directory.
+
+    An existing ``directory`` is replaced as a whole, so it may hold only a previous adapter's two files.
+    """
     if getattr(model, "perft_config", None) is None:
         raise AdapterError("no PERFT adapter is attached to this model; call attach_perft first")
     directory = os.path.abspath(directory)
+    if os.path.isdir(directory):
+        others = sorted(set(os.listdir(directory)) - {CONFIG_NAME, WEIGHTS_NAME})
+        if others:
+            raise AdapterError(
+                f"refusing to replace {directory}: it holds files other than an adapter ({', '.join(others[:3])}); "
+                "save into a new directory or one that holds only an adapter"
+            )
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     metadata = _adapter_metadata(model)
@@ -90,16 +100,22 @@ def save_adapter(model, directory: str, extra_metadata: dict | None = None) -> s
     return directory
 
 
-def read_adapter_config(directory: str) -> dict:
-    """The parsed ``adapter_config.json`` of ``directory``, checked for format version."""
+def read_config_json(directory: str):
+    """The parsed ``adapter_config.json`` of ``directory``, unchecked (ours or peft's); AdapterError if unreadable."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise AdapterError(f"{directory} is not an adapter directory: {CONFIG_NAME} is missing")
     try:
         with open(path) as f:
-            metadata = json.load(f)
+            return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"{path} is corrupt: {err}") from err
+
+
+def read_adapter_config(directory: str) -> dict:
+    """The parsed ``adapter_config.json`` of a PERFT adapter in ``directory``, checked for format version."""
+    path = os.path.join(directory, CONFIG_NAME)
+    metadata = read_config_json(directory)
     version = metadata.get("format_version") if isinstance(metadata, dict) else None
     if version != FORMAT_VERSION:
         raise AdapterError(
@@ -124,7 +140,11 @@ def _check_compatible(model, metadata: dict, directory: str) -> None:
 
 
 def load_adapter(model, directory: str):
-    """Attach (if needed) and load the adapter in ``directory`` into ``model``; returns the model."""
+    """Attach (if needed) and load the adapter in ``directory`` into ``model``; returns the model.
+
+    A new attachment takes the saved tensors' dtype (float32 master weights stay float32), so a
+    reloaded adapter computes exactly what the saved one did.
+    """
     metadata = read_adapter_config(directory)
     _check_compatible(model, metadata, directory)
     try:
@@ -140,7 +160,8 @@ def load_adapter(model, directory: str):
         raise AdapterError(f"{weights_path} is corrupt: {err}") from err
     attached_here = getattr(model, "perft_config", None) is None
     if attached_here:
-        attach_perft(model, config)
+        dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+        attach_perft(model, config, dtype=dtypes.pop() if len(dtypes) == 1 else None)
     elif model.perft_config != config:
         raise AdapterError(f"the attached adapter's config differs from {directory}'s; load it into a fresh base model")
     try:

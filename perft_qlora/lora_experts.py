@@ -21,6 +21,7 @@ class LoRAExperts(nn.Module):
         self.down = nn.Parameter(torch.empty(num_experts, bottleneck, hidden_size, dtype=dtype).normal_(0.0, init_std))
         self.up = nn.Parameter(torch.zeros(num_experts, hidden_size, bottleneck, dtype=dtype))
         self.dropout = nn.Dropout(dropout)
+        self.activation_name = activation or None
         self.activation = ACT2FN[activation] if activation else None
 
     @property
@@ -30,7 +31,8 @@ class LoRAExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """(T, D) tokens, (T, K) weights and ids -> (T, D) weighted sum of the chosen experts."""
         x = self.dropout(x).to(self.down.dtype)
-        return routed_adapter(x, self.down, self.up, weights, indices, activation=self.activation, scaling=self.scaling)
+        # The name, not self.activation: the dispatch maps it to the kernels' activation or to ACT2FN.
+        return routed_adapter(x, self.down, self.up, weights, indices, activation=self.activation_name, scaling=self.scaling)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, bottleneck={self.bottleneck}, scaling={self.scaling}"

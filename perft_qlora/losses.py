@@ -33,6 +33,10 @@ def perft_balance_loss(model, attention_mask: torch.Tensor | None = None) -> tor
         return None
     router = routings[0][0]
     logits = tuple(routing.logits for _, routing in routings)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        # Cached decoding (generate): the mask spans past + new tokens, the router logits only the new ones.
+        new_tokens = logits[0].shape[0] // attention_mask.shape[0]
+        attention_mask = attention_mask[:, -new_tokens:]
     return load_balancing_loss_func(logits, router.num_experts, router.top_k, attention_mask)
 
 

@@ -36,7 +36,7 @@ def logical_numel(param: torch.Tensor) -> int:
 
 def _kind(name: str, module: nn.Module, model: nn.Module) -> str:
     parts = name.split(".")
-    if any(p.startswith("perft_") for p in parts):
+    if any(p.startswith(("perft_", "lora_")) for p in parts):  # PERFT blocks; peft LoRA (the baseline)
         return "adapters"
     if isinstance(module, (NF4Weight, NF4Experts)) or (parts and parts[-1] == "experts") or ".experts." in f".{name}.":
         return "experts"

@@ -61,12 +61,19 @@ def attach_perft(model, config: PerftConfig, dtype: torch.dtype | None = None):
         block = PerftMoEBlock(base, arch.router, arch.experts, router.to(device), experts.to(device))
         block.train(base.training)  # new modules start in training mode; follow the model's
         setattr(layers[i], arch.moe_block, block)
-    coef = arch.recipe_aux_loss_coef if config.router_aux_loss_coef is None else config.router_aux_loss_coef
     model.perft_config = config
-    model.perft_hook = model.register_forward_hook(BalanceLossHook(coef), with_kwargs=True)
+    model.perft_hook = model.register_forward_hook(BalanceLossHook(balance_loss_coef(model)), with_kwargs=True)
     disable_cpu_weight_repacking(model)
     logger.info("%s", parameter_report(model))
     return model
+
+
+def balance_loss_coef(model) -> float:
+    """Weight of the PERFT router's balance loss: the config's, or the architecture's recipe value."""
+    config: PerftConfig = model.perft_config
+    if config.router_aux_loss_coef is not None:
+        return config.router_aux_loss_coef
+    return get_arch(model.config).recipe_aux_loss_coef
 
 
 def detach_perft(model):
@@ -107,12 +114,13 @@ class ParameterReport:
 
 
 def parameter_report(model) -> ParameterReport:
-    """Trainable and activated parameter counts, as the paper reports them."""
+    """Trainable and activated parameter counts, as the paper reports them (PERFT or a dense baseline like LoRA)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    blocks = list(iter_perft_blocks(model))
     trainable_per_token = sum(
         b.perft_router.experts_per_token * b.perft_experts.params_per_expert + b.perft_router.params_per_token
-        for _, b in iter_perft_blocks(model)
-    )
+        for _, b in blocks
+    ) if blocks else trainable  # MoE-agnostic adapters (the LoRA baseline) are dense: every token uses all of them
     arch = get_arch(model.config)
     n, k = arch.num_experts(model.config), arch.top_k(model.config)
     backbone, experts = count_values(model)

@@ -1,9 +1,11 @@
 """``NF4Experts``: frozen routed experts computed from NF4 storage, a drop-in for transformers' fused experts.
 
 Same call as ``OlmoeExperts`` / ``MixtralExperts``: ``forward(hidden (T, H), top_k_index (T, K),
-top_k_weights (T, K)) -> (T, H)``. Each expert hit by at least one token is dequantized on its own, used,
-and dropped; the backward pass dequantizes it again instead of keeping a bf16 copy alive between
-forward and backward. Gradients flow to the input only: the weights are buffers.
+top_k_weights (T, K)) -> (T, H)``. The compute goes through ``kernels.nf4_expert_mlp``: on CUDA the
+fused Triton kernels dequantize NF4 tiles in registers; elsewhere the reference dequantizes each expert
+hit by at least one token on its own, uses it and drops it, and dequantizes it again in backward
+instead of keeping a bf16 copy alive between forward and backward. Gradients flow to the input and
+the routing weights only: the expert weights are buffers.
 """
 
 from __future__ import annotations
@@ -12,31 +14,10 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .kernels import tokens_by_expert
+from .kernels import nf4_expert_matmul, nf4_expert_mlp
 from .nf4 import NF4Weight
 
-
-class _NF4ExpertMatmul(torch.autograd.Function):
-    """``y = x @ W_e^T`` with ``W_e`` dequantized from NF4 in forward and again in backward.
-
-    Backward: ``dx = dy @ W_e`` (the frozen weight gets no gradient). Saves nothing but the
-    ``NF4Weight`` handle and the expert id, so no dequantized weight outlives the op.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: NF4Weight, expert: int) -> torch.Tensor:
-        ctx.weight, ctx.expert = weight, expert
-        return x @ weight.dequantize_expert(expert, x.dtype).t()  # (n, out)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        w = ctx.weight.dequantize_expert(ctx.expert, grad_out.dtype)  # (out, in)
-        return grad_out @ w, None, None  # (n, in)
-
-
-def nf4_expert_matmul(x: torch.Tensor, weight: NF4Weight, expert: int) -> torch.Tensor:
-    """(n, in) @ expert ``expert`` of ``weight`` transposed -> (n, out)."""
-    return _NF4ExpertMatmul.apply(x, weight, expert)
+__all__ = ["NF4Experts", "nf4_expert_matmul"]
 
 
 class NF4Experts(nn.Module):
@@ -50,14 +31,8 @@ class NF4Experts(nn.Module):
         self.num_experts = num_experts
         self.gate_up_proj = gate_up_proj
         self.down_proj = down_proj
+        self.hidden_act = hidden_act
         self.act_fn = ACT2FN[hidden_act]
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(hidden_states)  # (T, H)
-        for expert, token, slot in tokens_by_expert(top_k_index):  # (n,), (n,)
-            gate, up = nf4_expert_matmul(hidden_states[token], self.gate_up_proj, expert).chunk(2, dim=-1)  # (n, I) x2
-            y = nf4_expert_matmul(self.act_fn(gate) * up, self.down_proj, expert)  # (n, H)
-            # Weights may be float32 (Mixtral's router); multiply first, then cast, as transformers does.
-            y = y * top_k_weights[token, slot, None]
-            out = out.index_add(0, token, y.to(out.dtype))
-        return out
+        return nf4_expert_mlp(hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index, self.hidden_act)

@@ -40,7 +40,7 @@ class LearnedTopKRouter(nn.Module):
         return self.weight.numel()
 
     def forward(self, x: torch.Tensor, base_weights: torch.Tensor, base_indices: torch.Tensor) -> Routing:
-        logits = F.linear(x, self.weight)  # (T, M)
+        logits = F.linear(x.to(self.weight.dtype), self.weight)  # (T, M); float32 master weights take bf16 inputs
         probs = torch.softmax(logits.float(), dim=-1)
         weights, indices = torch.topk(probs, self.top_k, dim=-1)  # (T, K'), (T, K')
         if self.renormalize:

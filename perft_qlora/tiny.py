@@ -13,10 +13,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
+WORD_TOKENS = ("true", "false")
+"""Whole-word tokens, so that the demo task's answer is one decision (one token), not a spelling."""
 
 
 def build_byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A deterministic byte-level tokenizer: 256 byte tokens plus end-of-text and padding."""
+    """A deterministic byte-level tokenizer: 256 byte tokens, end-of-text, padding, then ``true`` and ``false``."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
     for token in SPECIAL_TOKENS:
@@ -24,14 +26,16 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token=SPECIAL_TOKENS[0], bos_token=SPECIAL_TOKENS[0], pad_token=SPECIAL_TOKENS[1]
     )
+    tokenizer.add_tokens(list(WORD_TOKENS))
+    return tokenizer
 
 
 def tiny_config(arch: str = "olmoe", **overrides):
     """A small config of the given family with the real structure (fused experts, top-K router)."""
-    vocab = 258
+    vocab = 256 + len(SPECIAL_TOKENS) + len(WORD_TOKENS)
     common = dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, num_experts_per_tok=2, eos_token_id=256,

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    # Kernel tests run Triton's interpreter on CPU; it must be on before anything imports triton
+    # (bitsandbytes does, through perft_qlora below).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 from perft_qlora import load_model
 from perft_qlora.tiny import save_tiny_model

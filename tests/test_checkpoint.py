@@ -176,7 +176,11 @@ def test_save_over_existing_replaces_it(tiny_nf4, token_batch, tmp_path):
     _randomize(model, seed=123)
     second_logits = _logits(model, token_batch)
     assert not torch.equal(first_logits, second_logits)
-    (directory / "stray.txt").write_text("from an older save")
+    (directory / "stray.txt").write_text("not part of an adapter")
+    with pytest.raises(AdapterError, match="holds files other than an adapter.*stray.txt"):
+        save_adapter(model, str(directory))  # never delete what is not ours (e.g. a Trainer checkpoint dir)
+    assert sorted(os.listdir(directory)) == sorted([CONFIG_NAME, WEIGHTS_NAME, "stray.txt"])
+    (directory / "stray.txt").unlink()
     save_adapter(model, str(directory))
 
     assert sorted(os.listdir(directory)) == sorted([CONFIG_NAME, WEIGHTS_NAME])

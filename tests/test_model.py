@@ -131,7 +131,7 @@ def test_gradient_checkpointing_gives_identical_gradients(tiny_nf4, arch, token_
         attach_perft(model, PerftConfig(variant="perft", num_experts=4, top_k=2, dropout=0.0))
         _randomize_adapters(model)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         out = model(ids, attention_mask=mask, labels=ids)
         out.loss.backward()

@@ -1,14 +1,36 @@
-"""Compute kernels and their plain-PyTorch references.
+"""Compute kernels and their plain-PyTorch references (see README.md in this folder).
 
-Today every op runs its reference (``reference.py``); fused Triton kernels plug in behind the same
-functions, selected by device or ``PERFT_QLORA_KERNELS=reference|triton``.
+``nf4_expert_mlp`` and ``routed_adapter`` run fused Triton kernels on CUDA tensors and the references
+(``reference.py``) elsewhere; ``PERFT_QLORA_KERNELS=reference|triton`` forces either. Triton is
+optional: nothing here imports it until a kernel runs.
 """
 
-from .reference import dequantize_nf4_reference, nested_absmax_reference, routed_adapter_reference, tokens_by_expert
+from .dispatch import ENV_VAR, nf4_expert_mlp, pick_formulation, routed_adapter, select_backend
+from .reference import (
+    dequantize_nf4_reference,
+    nested_absmax_reference,
+    nf4_expert_matmul,
+    nf4_expert_mlp_reference,
+    routed_adapter_reference,
+    tokens_by_expert,
+)
+from .sorting import ExpertSort, TileSchedule, gate_matrix, sort_by_expert, tile_schedule
 
-__all__ = ["dequantize_nf4_reference", "nested_absmax_reference", "routed_adapter_reference", "routed_adapter", "tokens_by_expert"]
-
-
-def routed_adapter(x, down, up, weights, indices, activation=None, scaling: float = 1.0):
-    """Routed bottleneck experts, see :func:`routed_adapter_reference` for the math and shapes."""
-    return routed_adapter_reference(x, down, up, weights, indices, activation=activation, scaling=scaling)
+__all__ = [
+    "ENV_VAR",
+    "ExpertSort",
+    "TileSchedule",
+    "dequantize_nf4_reference",
+    "gate_matrix",
+    "nested_absmax_reference",
+    "nf4_expert_matmul",
+    "nf4_expert_mlp",
+    "nf4_expert_mlp_reference",
+    "pick_formulation",
+    "routed_adapter",
+    "routed_adapter_reference",
+    "select_backend",
+    "sort_by_expert",
+    "tile_schedule",
+    "tokens_by_expert",
+]

@@ -1,12 +1,14 @@
 """Plain-PyTorch references: the specification every fused kernel in this package must match.
 
-Each function is written for clarity, not speed; the Triton kernels (see the kernels issue) are tested
-against them on random inputs of awkward sizes.
+Each function is written for clarity, not speed; the Triton kernels (``triton_*.py``) are tested
+against them on random inputs of awkward sizes. They are also the CPU path of every op (``dispatch.py``).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .sorting import sort_by_expert
 
 
 def nested_absmax_reference(
@@ -42,12 +44,17 @@ def dequantize_nf4_reference(
 def tokens_by_expert(indices: torch.Tensor):
     """Yield ``(expert, token, slot)`` for every expert chosen at least once in ``indices`` (T, K).
 
-    ``token``, ``slot``: (n,) int64 with ``indices[token, slot] == expert``. Shared by every plain-PyTorch
-    routed computation (frozen NF4 experts and the PEFT experts alike).
+    ``token``, ``slot``: (n,) int64 with ``indices[token, slot] == expert``, in (token, slot) order. Shared
+    by every plain-PyTorch routed computation; it walks the same ``sort_by_expert`` layout as the kernels.
     """
-    for expert in torch.unique(indices).tolist():
-        token, slot = torch.where(indices == expert)  # (n,), (n,)
-        yield expert, token, slot
+    if indices.numel() == 0:
+        return
+    sort = sort_by_expert(indices, int(indices.max()) + 1)
+    bounds = sort.offsets.tolist()  # one host sync for the whole loop
+    slots = sort.order % indices.shape[1]  # (R,)
+    for expert, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if start < stop:
+            yield expert, sort.tokens[start:stop], slots[start:stop]
 
 
 def routed_adapter_reference(
@@ -77,4 +84,46 @@ def routed_adapter_reference(
         delta = (hidden @ up[expert].t()) * scaling  # (n, D)
         delta = delta * weights[token, slot, None].to(delta.dtype)
         out = out.index_add(0, token, delta.to(out.dtype))
+    return out
+
+
+class _NF4ExpertMatmul(torch.autograd.Function):
+    """``y = x @ W_e^T`` with ``W_e`` dequantized from NF4 in forward and again in backward.
+
+    Backward: ``dx = dy @ W_e`` (the frozen weight gets no gradient). Saves nothing but the
+    ``NF4Weight`` handle and the expert id, so no dequantized weight outlives the op.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight, expert: int) -> torch.Tensor:
+        ctx.weight, ctx.expert = weight, expert
+        return x @ weight.dequantize_expert(expert, x.dtype).t()  # (n, out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        w = ctx.weight.dequantize_expert(ctx.expert, grad_out.dtype)  # (out, in)
+        return grad_out @ w, None, None  # (n, in)
+
+
+def nf4_expert_matmul(x: torch.Tensor, weight, expert: int) -> torch.Tensor:
+    """(n, in) @ expert ``expert`` of an ``NF4Weight`` transposed -> (n, out)."""
+    return _NF4ExpertMatmul.apply(x, weight, expert)
+
+
+def nf4_expert_mlp_reference(x: torch.Tensor, gate_up, down, weights: torch.Tensor, indices: torch.Tensor, act_fn) -> torch.Tensor:
+    """Routed gated-MLP experts ``Σ_k w[t,k] · down_e(act(gate_e x) * up_e x)`` from NF4, one expert at a time.
+
+    Args:
+        x: (T, H) tokens. gate_up: NF4Weight (E, 2I, H), gate rows first; down: NF4Weight (E, H, I).
+        weights: (T, K) routing weights (float32 for Mixtral: multiplied before the cast, as transformers).
+        indices: (T, K) int64 expert ids. act_fn: the model's ``hidden_act`` module.
+    Returns:
+        out: (T, H) in x's dtype. Each expert is dequantized, used and dropped; backward dequantizes again.
+    """
+    out = torch.zeros_like(x)  # (T, H)
+    for expert, token, slot in tokens_by_expert(indices):  # (n,), (n,)
+        gate, up = nf4_expert_matmul(x[token], gate_up, expert).chunk(2, dim=-1)  # (n, I) x2
+        y = nf4_expert_matmul(act_fn(gate) * up, down, expert)  # (n, H)
+        y = y * weights[token, slot, None]
+        out = out.index_add(0, token, y.to(out.dtype))
     return out

@@ -1,0 +1,175 @@
+"""Evaluate a base model and PERFT adapters on the paper's reasoning tasks (LLM-Adapters test sets).
+
+    python -m perft_qlora.evaluate --model allenai/OLMoE-1B-7B-0924 \\
+        --adapter perft=runs/perft-top2-8/adapter --tasks commonsense --data-dir LLM-Adapters/dataset \\
+        --output-dir eval/perft-top2-8
+
+The NF4 base model is loaded once and evaluated, then each adapter is attached, evaluated and detached.
+Test files are read from ``<data-dir>/<task folder>/test.json`` (LLM-Adapters' ``dataset/`` layout) or from
+``--test-file TASK=PATH_OR_HUB_NAME``. Writes ``predictions.jsonl`` (every row, as it goes), ``summary.json``
+and ``results.md``; ``--resume`` continues a stopped run. Tasks: boolq piqa siqa hellaswag winogrande arc-e
+arc-c obqa addsub multiarith singleeq gsm8k aqua svamp demo; groups: commonsense, math, all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from transformers import AutoConfig
+
+from . import AdapterError, __version__, load_model, read_adapter_config
+from .adapters import adapter_kind, attach_saved_adapter, detach_adapter
+from .predictions import PredictionsError, PredictionStore
+from .protocol import PROTOCOLS, Protocol
+from .summary import Summary, previous_summary, resume_conflicts
+from .task_runner import run_task
+from .tasks import TaskError, TestSet, load_test_set, resolve_tasks
+
+BASE_LABEL = "base"
+
+
+@dataclass
+class Plan:
+    """Everything checked before the model is loaded."""
+
+    protocol: Protocol
+    test_sets: list[TestSet]
+    adapters: dict[str, str]
+    settings: dict
+    previous: dict | None
+
+
+def parse_adapters(values: list[str], model: str) -> dict[str, str]:
+    """``NAME=DIR`` or ``DIR`` (named after its folder) -> ``{name: dir}``; each dir must hold a usable adapter."""
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep:
+            name, directory = os.path.basename(os.path.normpath(value)), value
+        if not os.path.isdir(directory):
+            raise AdapterError(f"adapter directory {directory} does not exist (from --adapter {value})")
+        if name in adapters or name == BASE_LABEL:
+            raise AdapterError(f"adapter name {name!r} is used twice or is reserved; name them: --adapter NAME=DIR")
+        if adapter_kind(directory) == "peft":  # the LoRA baseline: peft checks its fit when it loads
+            adapters[name] = os.path.abspath(directory)
+            continue
+        metadata = read_adapter_config(directory)
+        if os.path.isdir(model):  # compare with the base model's config before loading any weights
+            config = AutoConfig.from_pretrained(model)
+            found = (config.model_type, config.hidden_size, config.num_hidden_layers)
+            trained = (metadata.get("model_type"), metadata.get("hidden_size"), metadata.get("num_layers"))
+            if found != trained:
+                raise AdapterError(
+                    f"adapter {directory} was trained for (model_type, hidden_size, layers) = {trained}, "
+                    f"but {model} has {found}"
+                )
+        adapters[name] = os.path.abspath(directory)
+    return adapters
+
+
+def prepare(args) -> Plan:
+    """Resolve tasks, read and validate every test file and adapter, and check the output directory."""
+    if args.model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(args.model)):
+        raise TaskError(f"model directory {args.model} does not exist")
+    tasks = resolve_tasks(args.tasks)
+    overrides = dict(_key_value(item, "--test-file") for item in args.test_file)
+    if extra := sorted(set(overrides) - {task.name for task in tasks}):
+        raise TaskError(f"--test-file given for {', '.join(extra)}, which --tasks does not include")
+    test_sets = [load_test_set(task, overrides.get(task.name) or task.test_source(args.data_dir)) for task in tasks]
+    adapters = parse_adapters(args.adapter, args.model)
+    if args.no_base and not adapters:
+        raise TaskError("--no-base with no --adapter leaves nothing to evaluate")
+    protocol = PROTOCOLS[args.protocol]
+    if args.greedy or args.num_beams is not None:
+        protocol = protocol.with_beams(1 if args.greedy else args.num_beams)
+    if args.max_new_tokens is not None:
+        protocol = protocol.with_max_new_tokens(args.max_new_tokens)
+    settings = {
+        "perft_qlora_version": __version__, "model": args.model, "adapters": adapters,
+        "decoding": protocol.to_dict(), "tasks": [t.task.name for t in test_sets],
+        "test_files": {t.task.name: t.source for t in test_sets}, "limit": args.limit, "batch_size": args.batch_size,
+    }
+    previous = previous_summary(args.output_dir) if args.resume else None
+    if previous is not None and (problems := resume_conflicts(previous, settings)):
+        raise PredictionsError("cannot --resume with different settings:\n  " + "\n  ".join(problems))
+    return Plan(protocol, test_sets, adapters, settings, previous)
+
+
+def _key_value(item: str, flag: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key or not value:
+        raise TaskError(f"{flag} expects TASK=SOURCE, got {item!r}")
+    return resolve_tasks(key)[0].name, value
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the evaluation; returns the summary (also written to ``<output-dir>/summary.json``)."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        plan = prepare(args)
+        store = PredictionStore(os.path.join(args.output_dir, "predictions.jsonl"), resume=args.resume)
+    except (TaskError, AdapterError, PredictionsError) as error:
+        parser.error(str(error))
+    for test_set in plan.test_sets:
+        print(test_set.report())
+    summary = Summary(plan.settings, results=dict(plan.previous["results"]) if plan.previous else {})
+    summary.write(args.output_dir)
+    models = ([] if args.no_base else [(BASE_LABEL, None)]) + list(plan.adapters.items())
+    with store:
+        model, tokenizer = load_model(args.model, device=args.device)
+        for label, adapter_dir in models:
+            adapted = model if adapter_dir is None else attach_saved_adapter(model, adapter_dir)
+            for test_set in plan.test_sets:
+                result = run_task(adapted, tokenizer, label, test_set, plan.protocol, store,
+                                  batch_size=args.batch_size, limit=args.limit)
+                summary.add(label, test_set.task.name, result)
+                summary.write(args.output_dir)
+            if adapter_dir is not None:
+                model = detach_adapter(adapted)
+    print(summary.markdown())
+    print(f"predictions, summary.json and results.md in {args.output_dir}")
+    return summary.to_dict()
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m perft_qlora.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="base model: a save_pretrained directory or a Hub id")
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                        help="a saved PERFT or peft (LoRA baseline) adapter to evaluate (repeatable); NAME defaults to the folder name")
+    parser.add_argument("--no-base", action="store_true", help="evaluate only the adapters, not the base model")
+    parser.add_argument("--tasks", default="commonsense",
+                        help="comma-separated task names and/or groups commonsense, math, all (default: %(default)s)")
+    parser.add_argument("--data-dir", default="dataset",
+                        help="laid out like LLM-Adapters' dataset/: <data-dir>/<task>/test.json (default: %(default)s)")
+    parser.add_argument("--test-file", action="append", default=[], metavar="TASK=SOURCE",
+                        help="test set for one task: a .json/.jsonl file or a datasets hub name (repeatable)")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="perft",
+                        help="perft: the PERFT authors' scripts (default); llm-adapters: LLM-Adapters' own")
+    parser.add_argument("--greedy", action="store_true", help="one beam instead of the protocol's 4 (quick looks)")
+    parser.add_argument("--num-beams", type=_positive, default=None, help="beam width (default: the protocol's, 4)")
+    parser.add_argument("--max-new-tokens", type=_positive, default=None,
+                        help="override the protocol's token budget for every task (quick looks; recorded)")
+    parser.add_argument("--limit", type=_positive, default=None, help="only the first N rows of each task")
+    parser.add_argument("--batch-size", type=_positive, default=8,
+                        help="prompts per generate call (default: %(default)s)")
+    parser.add_argument("--output-dir", default="eval-results", help="where results go (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a stopped run in --output-dir, skipping finished rows")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda when available)")
+    return parser
+
+
+if __name__ == "__main__":
+    main()

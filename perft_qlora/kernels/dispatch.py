@@ -1,0 +1,217 @@
+"""The dispatch layer: each op runs its Triton kernels on CUDA tensors and its PyTorch reference elsewhere.
+
+``PERFT_QLORA_KERNELS`` overrides the choice: ``reference`` always takes the reference, ``triton``
+always takes the kernels (on CPU tensors only under ``TRITON_INTERPRET=1``, for tests) and raises
+when they cannot run; unset or ``auto`` picks by device and quietly takes the reference for shapes
+the kernels do not cover. Triton is imported only when a kernel is about to run, so it stays optional.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
+import os
+import re
+
+import torch
+from transformers.activations import ACT2FN
+
+from .reference import nf4_expert_mlp_reference, routed_adapter_reference
+
+ENV_VAR = "PERFT_QLORA_KERNELS"
+MIN_TRITON = (3, 4)
+"""Oldest Triton the kernels are known to build with for sm_90 (compile_check, 3.4.0 to 3.9.0)."""
+KERNEL_ACTIVATIONS = ("silu", "relu", "gelu")
+"""Activations the kernels compute, by ``ACT2FN`` name (``gelu`` is the exact erf form)."""
+DENSE_MAX_WIDTH = 256
+"""Largest padded M*DB the dense adapter kernel keeps in registers; wider banks take the sorted one."""
+MAX_SORTED_BOTTLENECK = 128
+"""Largest DB the sorted adapter kernel keeps in registers."""
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def requested_backend() -> str:
+    """``auto``, ``reference`` or ``triton`` from ``PERFT_QLORA_KERNELS`` (read on every call)."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in ("auto", "reference", "triton"):
+        raise ValueError(f"{ENV_VAR}={value!r} is not a backend: use 'reference', 'triton', or leave it unset (auto).")
+    return value
+
+
+def _check_routing(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
+    if indices.dim() != 2 or weights.shape != indices.shape or indices.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"routing must be weights and indices of shape (tokens, top_k) with tokens = x.shape[0] = {x.shape[0]}; "
+            f"got weights {tuple(weights.shape)}, indices {tuple(indices.shape)}"
+        )
+
+
+def select_backend(op: str, x: torch.Tensor, unsupported: str | None) -> str:
+    """``"reference"`` or ``"triton"`` for one call of ``op`` on ``x``'s device.
+
+    ``unsupported`` is why the kernels cannot take this call (None when they can): ``auto`` then
+    falls back to the reference; a forced ``triton`` raises with that reason.
+    """
+    choice = requested_backend()
+    if choice == "reference":
+        return "reference"
+    triton_ok = _triton_installed()
+    if choice == "auto":
+        return "triton" if x.is_cuda and triton_ok and unsupported is None else "reference"
+    if not triton_ok:
+        raise RuntimeError(
+            f"{ENV_VAR}=triton but triton>={'.'.join(map(str, MIN_TRITON))} is not installed: "
+            f"pip install 'perft-qlora[triton]', or unset {ENV_VAR}."
+        )
+    if unsupported is not None:
+        raise ValueError(f"{ENV_VAR}=triton, but the {op} kernel cannot take this call: {unsupported}. Unset {ENV_VAR} to fall back.")
+    if not x.is_cuda:
+        _check_interpreter(op)
+    return "triton"
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    """Whether a Triton of at least MIN_TRITON is importable (checked once, without importing it)."""
+    try:
+        if importlib.util.find_spec("triton") is None:
+            return False
+        version = importlib.metadata.version("triton")
+    except (ImportError, ValueError, importlib.metadata.PackageNotFoundError):  # broken or blocked: absent
+        return False
+    parts = re.match(r"(\d+)\.(\d+)", version)
+    return parts is not None and (int(parts[1]), int(parts[2])) >= MIN_TRITON
+
+
+def _check_interpreter(op: str) -> None:
+    interpret = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    if not interpret:
+        raise RuntimeError(
+            f"{ENV_VAR}=triton on CPU tensors runs the {op} kernel in Triton's interpreter, which needs "
+            "TRITON_INTERPRET=1 in the environment before triton is first imported (slow; for tests). "
+            f"On CPU, unset {ENV_VAR} to use the PyTorch reference."
+        )
+    from .triton_common import INTERPRETED
+
+    if not INTERPRETED:
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after triton (or perft_qlora's kernels) had been imported for a GPU; "
+            "set it before anything imports triton: first thing in the process (tests/conftest.py does this "
+            "when CUDA is absent)."
+        )
+
+
+@functools.cache
+def _act_module(name: str):
+    return ACT2FN[name]
+
+
+def _ops():
+    from . import ops  # imports triton: only reached when a kernel runs
+
+    return ops
+
+
+# NF4 grouped expert MLP ---------------------------------------------------------------------------
+
+
+def _nf4_unsupported(x, gate_up, down, hidden_act: str) -> str | None:
+    if hidden_act not in KERNEL_ACTIVATIONS:
+        return f"hidden_act {hidden_act!r} is not one of {KERNEL_ACTIVATIONS}"
+    if x.dtype not in FLOAT_DTYPES or x.dim() != 2:
+        return f"x must be a 2-D float16/bfloat16/float32 tensor, got {tuple(x.shape)} {x.dtype}"
+    for name, weight in (("gate_up_proj", gate_up), ("down_proj", down)):
+        if weight.blocksize != 64:
+            return f"{name} uses NF4 blocks of {weight.blocksize}; the kernels read 64-value blocks"
+        if weight.shape[2] % 64:
+            return f"{name} rows of {weight.shape[2]} values are not whole 64-value NF4 blocks"
+        if weight.packed.device != x.device:
+            return f"{name} is on {weight.packed.device} but x is on {x.device}"
+    return None
+
+
+def nf4_expert_mlp(x, gate_up, down, weights, indices, hidden_act: str, blocks=None) -> torch.Tensor:
+    """Routed frozen gated-MLP experts in NF4: ``Σ_k w[t,k] · down_e(act(gate_e x_t) * up_e x_t)``.
+
+    Args:
+        x: (T, H). gate_up: NF4Weight (E, 2I, H); down: NF4Weight (E, H, I). weights, indices: (T, K).
+        hidden_act: the model's activation name (``ACT2FN`` key). blocks: kernel tile override (tests).
+    Returns:
+        out: (T, H) in x's dtype; differentiable in x and weights (the experts are frozen).
+    """
+    _check_routing(x, weights, indices)
+    backend = select_backend("NF4 expert MLP", x, _nf4_unsupported(x, gate_up, down, hidden_act))
+    if backend == "reference":
+        return nf4_expert_mlp_reference(x, gate_up, down, weights, indices, _act_module(hidden_act))
+    if x.shape[0] == 0:
+        return torch.zeros_like(x)
+    return _ops().NF4ExpertMLPFunction.apply(x.contiguous(), weights, indices.long(), gate_up, down, hidden_act, blocks)
+
+
+# routed adapter -------------------------------------------------------------------------------------
+
+
+def pick_formulation(num_experts: int, bottleneck: int) -> str:
+    """``dense`` while the padded hidden layer of all M experts fits one register tile, else ``sorted``.
+
+    Dense costs ``4·T·M·DB·D`` FLOPs but reads x and writes out once; sorted costs ``4·T·K·DB·D``
+    FLOPs but reads x K times (gathered) and adds K float32 partials per output element. With a GPU
+    doing ~300 bf16 FLOPs per byte moved, the dense product wins while M·DB is small next to D
+    (PERFT Top2/4 DB=16: M·DB = 64); the register tile caps it at DENSE_MAX_WIDTH.
+    """
+    width = max(16, 1 << max(0, num_experts * bottleneck - 1).bit_length())
+    return "dense" if width <= DENSE_MAX_WIDTH else "sorted"
+
+
+def _activation_name(activation) -> str | None:
+    """Kernel name of ``activation`` (None or an ACT2FN name), or None when only the reference knows it."""
+    if activation is None:
+        return "identity"
+    if isinstance(activation, str) and activation in KERNEL_ACTIVATIONS:
+        return activation
+    return None
+
+
+def _adapter_unsupported(x, down, up, activation, formulation: str) -> str | None:
+    if _activation_name(activation) is None:
+        return f"activation {activation!r} is not None or one of {KERNEL_ACTIVATIONS}"
+    if x.dtype not in FLOAT_DTYPES or x.dim() != 2 or not (x.dtype == down.dtype == up.dtype):
+        return f"x, down and up must share one float dtype with x 2-D, got {x.dtype}, {down.dtype}, {up.dtype}"
+    if not (x.device == down.device == up.device):
+        return f"x, down and up must be on one device, got {x.device}, {down.device}, {up.device}"
+    m, bottleneck, _ = down.shape
+    if formulation == "dense" and pick_formulation(m, bottleneck) != "dense":
+        return f"M*DB = {m * bottleneck} is wider than the dense kernel's {DENSE_MAX_WIDTH} columns"
+    if formulation == "sorted" and bottleneck > MAX_SORTED_BOTTLENECK:
+        return f"bottleneck {bottleneck} is wider than the sorted kernel's {MAX_SORTED_BOTTLENECK}"
+    return None
+
+
+def routed_adapter(
+    x, down, up, weights, indices, activation=None, scaling: float = 1.0, formulation: str = "auto", blocks=None
+) -> torch.Tensor:
+    """Routed bottleneck experts ``Σ_k w[t,k] · scaling · up_j act(down_j x_t)``, see :func:`routed_adapter_reference`.
+
+    Args:
+        x: (T, D); down: (M, DB, D); up: (M, D, DB); weights, indices: (T, K).
+        activation: None, an ``ACT2FN`` name, or any callable (callables run on the reference only).
+        formulation: ``auto`` (:func:`pick_formulation`), ``dense`` or ``sorted`` (Triton only).
+    Returns:
+        out: (T, D) in x's dtype; differentiable in x, down, up and weights.
+    """
+    if formulation not in ("auto", "dense", "sorted"):
+        raise ValueError(f"formulation must be 'auto', 'dense' or 'sorted', got {formulation!r}")
+    _check_routing(x, weights, indices)
+    if formulation == "auto":
+        formulation = pick_formulation(down.shape[0], down.shape[1])
+    unsupported = _adapter_unsupported(x, down, up, activation, formulation)
+    if select_backend("routed adapter", x, unsupported) == "reference":
+        act_fn = _act_module(activation) if isinstance(activation, str) else activation
+        return routed_adapter_reference(x, down, up, weights, indices, activation=act_fn, scaling=scaling)
+    if x.shape[0] == 0:
+        return torch.zeros_like(x)
+    ops = _ops()
+    function = ops.DenseRoutedAdapterFunction if formulation == "dense" else ops.SortedRoutedAdapterFunction
+    args = (x.contiguous(), down.contiguous(), up.contiguous(), weights, indices.long())
+    return function.apply(*args, _activation_name(activation), float(scaling), blocks)

@@ -1,0 +1,134 @@
+"""``PerftSFTTrainer``: TRL's ``SFTTrainer`` for a PERFT-adapted NF4 model.
+
+What it adds to ``SFTTrainer``, and nothing else:
+
+- the PERFT router's balance loss, ``coef · LB(PERFT router logits)``, added to the training loss
+  (``SFTTrainer`` computes its loss from fused log-probs, not from ``output.loss``, so the forward hook's
+  sum is not used here) and logged as ``perft_aux_loss``; TRL itself adds and logs the base router's
+  term (``aux_loss``, weighted by ``SFTConfig.router_aux_loss_coef``);
+- tokens/s, peak memory and per-layer PERFT routing statistics at every logging step;
+- checkpoints that hold the adapter only (``adapter_config.json`` + ``adapter_model.safetensors``, written
+  by :func:`save_adapter`), plus the optimizer, scheduler and RNG state the Trainer adds; resuming and
+  best-checkpoint selection load them back with :func:`load_adapter`.
+
+Why the Trainer accepts the 4-bit model: transformers refuses "purely quantized" models only when
+``model.is_quantized`` is set, which its own ``HfQuantizer`` loading does. ``load_model`` quantizes with
+bitsandbytes' format but outside that machinery, so the check does not apply; the condition it guards
+(a quantized model without anything trainable) is checked here instead. The LoRA baseline (a peft
+``PeftModel``) goes through the Trainer's own peft code paths unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+
+import torch
+from trl import SFTTrainer
+
+from .checkpoint import load_adapter, save_adapter
+from .losses import perft_balance_loss
+from .model import balance_loss_coef
+from .stats import routing_stats
+
+
+def _perft_model(model):
+    """The model carrying ``perft_config`` (unwrapped from DDP and friends), or None for other adapters."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model if getattr(model, "perft_config", None) is not None else None
+
+
+def peak_memory_gib() -> dict[str, float]:
+    """``peak_gpu_mem_gib`` (allocated by torch, since the last reset) on CUDA, else the process's peak RSS."""
+    if torch.cuda.is_available():
+        return {"peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # ru_maxrss is KiB on Linux
+
+
+def routing_log(model) -> dict[str, float]:
+    """Per layer: ``routing/L{i}_imbalance`` = M · (largest expert share), 1.0 when perfectly balanced, and
+    ``routing/L{i}_entropy`` = entropy of the expert shares / log M (1.0 when uniform). From the latest micro-batch."""
+    logs = {}
+    for layer, stats in routing_stats(model).items():
+        shares = stats["expert_fraction"]
+        if len(shares) < 2:
+            continue
+        entropy = -sum(p * math.log(p) for p in shares if p > 0) / math.log(len(shares))
+        logs[f"routing/L{layer}_imbalance"] = max(shares) * len(shares)
+        logs[f"routing/L{layer}_entropy"] = entropy
+    return logs
+
+
+class PerftSFTTrainer(SFTTrainer):
+    """``SFTTrainer`` plus the PERFT balance loss, richer logs and adapter-only checkpoints (see module doc).
+
+    Args (besides ``SFTTrainer``'s):
+        run_metadata: written into every saved ``adapter_config.json`` under ``extra.training`` (data source,
+            base model, recipe knobs), together with the step and epoch of the save.
+    """
+
+    def __init__(self, model, *args, run_metadata: dict | None = None, **kwargs):
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(
+                "the model has no trainable parameters: attach adapters first "
+                "(perft_qlora.attach_perft, or the LoRA baseline) before building the trainer"
+            )
+        super().__init__(model, *args, **kwargs)
+        self.run_metadata = dict(run_metadata or {})
+        perft = _perft_model(self.model)
+        self.perft_aux_loss_coef = balance_loss_coef(perft) if perft is not None else 0.0
+        self._last_log = (time.perf_counter(), 0)
+
+    # ---- loss -------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        aux = perft_balance_loss(model, inputs.get("attention_mask")) if self.perft_aux_loss_coef else None
+        if aux is None:
+            return result
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["perft_aux_loss"].append(self.accelerator.gather_for_metrics(aux.detach()).mean().item())
+        # Like TRL's base-router term: a per-micro-batch mean, averaged over the accumulation steps.
+        steps = self.current_gradient_accumulation_steps if (num_items_in_batch is not None and mode == "train") else 1
+        weighted = self.perft_aux_loss_coef * aux / steps
+        if return_outputs:
+            loss, outputs = result
+            return loss + weighted.to(loss.dtype), outputs
+        return result + weighted.to(result.dtype)
+
+    # ---- logging ----------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training and "loss" in logs:
+            now, tokens = time.perf_counter(), self._total_train_tokens
+            last_time, last_tokens = self._last_log
+            if tokens > last_tokens and now > last_time:
+                logs["tokens_per_second"] = (tokens - last_tokens) / (now - last_time)
+            self._last_log = (now, tokens)
+            logs.update(peak_memory_gib())
+            perft = _perft_model(self.model)
+            if perft is not None and perft.perft_config.variant in ("perft", "perft_e"):
+                logs.update(routing_log(perft))
+        super().log(logs, start_time)
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        perft = _perft_model(self.model)
+        if perft is None:  # the peft LoRA baseline: the Trainer saves peft's adapter files itself
+            return super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return
+        metadata = {**self.run_metadata, "global_step": self.state.global_step, "epoch": self.state.epoch}
+        save_adapter(perft, output_dir or self.args.output_dir, extra_metadata={"training": metadata})
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        perft = _perft_model(model if model is not None else self.model)
+        if perft is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_adapter(perft, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        perft = _perft_model(self.model)
+        if perft is None:
+            return super()._load_best_model()
+        load_adapter(perft, self.state.best_model_checkpoint)

@@ -1,0 +1,107 @@
+"""Routed adapter: dense and sorted Triton formulations vs the reference, forward and backward.
+
+Gradients of x, down, up and the gate weights are all checked. Without CUDA the kernels run in
+Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1); its bf16 ``tl.dot`` is wrong, so
+CPU runs use float32 / float16 and the ``gpu`` twins bf16. Accuracy: flash-attention's rule
+(kernels/accuracy.py), kernel error vs float64 truth at most 2x the same-dtype reference's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perft_qlora.kernels import pick_formulation, routed_adapter, routed_adapter_reference
+from perft_qlora.kernels.accuracy import assert_flash_rule
+from perft_qlora.kernels.dispatch import _act_module
+from perft_qlora.kernels.triton_adapter_dense import DenseBlocks
+from perft_qlora.kernels.triton_adapter_sorted import SortedBlocks
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+WIDTH = 200  # D: not a multiple of the 64-wide D blocks below
+BLOCKS = {"dense": DenseBlocks(t=16, d=64), "sorted": SortedBlocks(m=16, d=64)}
+
+
+def _routing(case: str, tokens: int, experts: int, top_k: int, g: torch.Generator):
+    """(weights (T, K) float32, indices (T, K) int64)."""
+    if case == "random_with_empty_expert":  # expert 1 never chosen
+        pool = torch.tensor([e for e in range(experts) if e != 1])
+        idx = torch.stack([pool[torch.randperm(len(pool), generator=g)[:top_k]] for _ in range(tokens)])
+    elif case == "all_to_one_expert":
+        idx = torch.full((tokens, top_k), experts - 1)
+    elif case == "k_equals_e":
+        idx = torch.stack([torch.randperm(experts, generator=g) for _ in range(tokens)])
+    elif case == "ties":  # tied router probabilities: equal weights, top-K breaks the tie
+        probs = torch.softmax(torch.randint(0, 2, (tokens, experts), generator=g).float(), dim=-1)
+        weights, idx = torch.topk(probs, top_k, dim=-1)
+        return weights, idx
+    else:
+        raise ValueError(case)
+    return torch.rand(tokens, top_k, generator=g) + 0.1, idx
+
+
+def _run(monkeypatch, backend, inputs, dout, dtype, activation, formulation="auto", blocks=None):
+    """(out, dx, ddown, dup, dweights) of one backend, inputs cast to ``dtype`` (weights stay float32)."""
+    monkeypatch.setenv("PERFT_QLORA_KERNELS", backend)
+    x, down, up, weights, indices = inputs
+    leaves = [t.detach().to(dtype).clone().requires_grad_(True) for t in (x, down, up)]  # fresh leaves
+    w = weights.detach().clone().requires_grad_(True)
+    if backend == "truth":
+        act = _act_module(activation) if activation else None
+        out = routed_adapter_reference(*leaves, w, indices, activation=act, scaling=1.5)
+    else:
+        out = routed_adapter(*leaves, w, indices, activation=activation, scaling=1.5, formulation=formulation, blocks=blocks)
+    out.backward(dout.to(out.dtype))
+    return (out, *(t.grad for t in leaves), w.grad)
+
+
+def _check(monkeypatch, formulation, case, tokens, experts, top_k, bottleneck, activation, dtype, blocks, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weights, indices = _routing(case, tokens, experts, top_k, g)
+    x = torch.randn(tokens, WIDTH, generator=g)
+    down = torch.randn(experts, bottleneck, WIDTH, generator=g) * WIDTH**-0.5
+    up = torch.randn(experts, WIDTH, bottleneck, generator=g) * bottleneck**-0.5
+    dout = torch.randn(tokens, WIDTH, generator=g).to(DEVICE)
+    inputs = tuple(t.to(DEVICE) for t in (x, down, up, weights, indices))
+    truth = _run(monkeypatch, "truth", inputs, dout, torch.float64, activation)
+    reference = _run(monkeypatch, "reference", inputs, dout, dtype, activation)
+    kernel = _run(monkeypatch, "triton", inputs, dout, dtype, activation, formulation, blocks)
+    for name, k, r, t in zip(("out", "dx", "ddown", "dup", "dweights"), kernel, reference, truth):
+        assert k.dtype == r.dtype and k.shape == r.shape, name
+        assert_flash_rule(f"{formulation}/{case}/{name}", k, r, t)
+
+
+CASES = [  # (routing, tokens, M, K, DB, activation)
+    ("random_with_empty_expert", 37, 5, 2, 12, None),
+    ("all_to_one_expert", 23, 4, 1, 16, "silu"),
+    ("random_with_empty_expert", 1, 6, 3, 8, "gelu"),  # a single token
+    ("k_equals_e", 9, 3, 3, 20, "relu"),
+    ("ties", 17, 6, 2, 8, None),
+]
+
+
+@pytest.mark.parametrize("formulation", ["dense", "sorted"])
+@pytest.mark.parametrize("case,tokens,experts,top_k,bottleneck,activation", CASES)
+def test_matches_reference_fp32_interpreter(monkeypatch, formulation, case, tokens, experts, top_k, bottleneck, activation):
+    _check(monkeypatch, formulation, case, tokens, experts, top_k, bottleneck, activation, torch.float32, BLOCKS[formulation])
+
+
+@pytest.mark.parametrize("formulation", ["dense", "sorted"])
+def test_matches_reference_fp16_default_blocks(monkeypatch, formulation):
+    _check(monkeypatch, formulation, "random_with_empty_expert", 41, 4, 2, 16, "silu", torch.float16, None, seed=1)
+
+
+def test_formulation_by_shape():
+    assert pick_formulation(4, 16) == "dense"  # PERFT Top2/4 DB=16: 64 hidden columns
+    assert pick_formulation(8, 16) == "dense"  # PERFT-E on Mixtral, DB=16
+    assert pick_formulation(1, 64) == "dense"  # PERFT-S
+    assert pick_formulation(64, 8) == "sorted"  # PERFT-E on OLMoE: 512 columns, 8 of 64 experts used
+    assert pick_formulation(17, 15) == "dense"  # 255 columns pad to 256: still one register tile
+    assert pick_formulation(16, 17) == "sorted"  # 272 -> 512 columns
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("formulation", ["dense", "sorted"])
+@pytest.mark.parametrize("case,tokens,experts,top_k,bottleneck,activation", CASES + [("random_with_empty_expert", 3000, 8, 2, 16, None)])
+def test_matches_reference_bf16_gpu(monkeypatch, formulation, case, tokens, experts, top_k, bottleneck, activation):
+    _check(monkeypatch, formulation, case, tokens, experts, top_k, bottleneck, activation, torch.bfloat16, None)

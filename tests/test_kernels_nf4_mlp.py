@@ -1,0 +1,122 @@
+"""NF4 grouped expert MLP: Triton kernels vs the reference, forward and backward, awkward routings.
+
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before
+triton is imported). The interpreter's bf16 ``tl.dot`` is wrong, so CPU runs use float32 and float16;
+the ``gpu`` twins run bf16. Accuracy follows flash-attention's rule (kernels/accuracy.py): error vs a
+float64 truth at most 2x that of the PyTorch reference in the same dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from perft_qlora.kernels import nf4_expert_mlp
+from perft_qlora.kernels.accuracy import assert_flash_rule
+from perft_qlora.kernels.triton_nf4_mlp import NF4Blocks
+from perft_qlora.nf4 import NF4Weight
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Blocks that divide none of the sizes below (H = 192, I = 192): every tail mask is exercised.
+AWKWARD = NF4Blocks(m=16, n=128, k=128)
+
+
+def _routing(case: str, tokens: int, experts: int, top_k: int, g: torch.Generator):
+    """(weights (T, K) float32, indices (T, K) int64) for a named routing case."""
+    if case == "random_with_empty_expert":  # expert 1 never chosen
+        pool = torch.tensor([e for e in range(experts) if e != 1])
+        idx = torch.stack([pool[torch.randperm(len(pool), generator=g)[:top_k]] for _ in range(tokens)])
+    elif case == "all_to_one_expert":
+        idx = torch.full((tokens, top_k), 2)
+    elif case == "k_equals_e":
+        idx = torch.stack([torch.randperm(experts, generator=g) for _ in range(tokens)])
+    elif case == "ties":  # tied router logits: top-K breaks ties, weights are equal
+        logits = torch.randint(0, 2, (tokens, experts), generator=g).float()
+        idx = torch.topk(logits, top_k, dim=-1).indices
+        return torch.full((tokens, top_k), 1.0 / top_k), idx
+    else:
+        raise ValueError(case)
+    return torch.rand(tokens, top_k, generator=g) + 0.1, idx
+
+
+def _experts(experts, hidden, inter, double_quant, g):
+    gate_up = NF4Weight.quantize(torch.randn(experts, 2 * inter, hidden, generator=g) * 0.08, double_quant=double_quant)
+    down = NF4Weight.quantize(torch.randn(experts, hidden, inter, generator=g) * 0.08, double_quant=double_quant)
+    return gate_up.to(DEVICE), down.to(DEVICE)
+
+
+def _run(monkeypatch, backend, x, gate_up, down, weights, indices, dout, dtype, blocks=None):
+    """(out, dx, dweights) of one backend in ``dtype`` (weights stay float32, as Mixtral's router)."""
+    monkeypatch.setenv("PERFT_QLORA_KERNELS", backend)
+    x = x.detach().to(dtype).clone().requires_grad_(True)  # a fresh leaf: grads never accumulate across runs
+    w = weights.detach().clone().requires_grad_(True)
+    out = nf4_expert_mlp(x, gate_up, down, w, indices, "silu", blocks=blocks)
+    out.backward(dout.to(out.dtype))
+    return out, x.grad, w.grad
+
+
+def _truth(x, gate_up, down, weights, indices, dout):
+    """Float64 ground truth from whole dequantized weights (an independent dense computation)."""
+    x = x.double().requires_grad_(True)
+    w = weights.double().requires_grad_(True)
+    w_gu, w_d = gate_up.dequantize().double(), down.dequantize().double()
+    out = torch.zeros_like(x)
+    for e in range(w_gu.shape[0]):
+        token, slot = torch.where(indices == e)
+        g, u = (x[token] @ w_gu[e].t()).chunk(2, dim=-1)
+        out = out.index_add(0, token, (F.silu(g) * u) @ w_d[e].t() * w[token, slot, None])
+    out.backward(dout.double())
+    return out, x.grad, w.grad
+
+
+def _check(monkeypatch, case, tokens, top_k, dtype, double_quant, blocks, seed=0, experts=5, hidden=192, inter=192):
+    g = torch.Generator().manual_seed(seed)
+    gate_up, down = _experts(experts, hidden, inter, double_quant, g)
+    weights, indices = _routing(case, tokens, experts, top_k, g)
+    x, dout = torch.randn(tokens, hidden, generator=g), torch.randn(tokens, hidden, generator=g)
+    weights, indices, x, dout = (t.to(DEVICE) for t in (weights, indices, x, dout))
+    truth = _truth(x, gate_up, down, weights, indices, dout)
+    reference = _run(monkeypatch, "reference", x, gate_up, down, weights, indices, dout, dtype)
+    kernel = _run(monkeypatch, "triton", x, gate_up, down, weights, indices, dout, dtype, blocks)
+    for name, k, r, t in zip(("out", "dx", "dweights"), kernel, reference, truth):
+        assert k.dtype == r.dtype and k.shape == r.shape, name
+        assert_flash_rule(f"{case}/{name}", k, r, t)
+
+
+CASES = [  # (routing, tokens, top_k)
+    ("random_with_empty_expert", 37, 3),
+    ("all_to_one_expert", 21, 1),
+    ("random_with_empty_expert", 1, 2),  # a single token
+    ("k_equals_e", 6, 5),
+    ("ties", 19, 2),
+]
+
+
+@pytest.mark.parametrize("case,tokens,top_k", CASES)
+def test_matches_reference_fp32_interpreter(monkeypatch, case, tokens, top_k):
+    _check(monkeypatch, case, tokens, top_k, torch.float32, double_quant=True, blocks=AWKWARD)
+
+
+def test_matches_reference_fp16_plain_absmax_default_blocks(monkeypatch):
+    _check(monkeypatch, "random_with_empty_expert", 29, 2, torch.float16, double_quant=False, blocks=None, seed=1)
+
+
+def test_no_grad_forward_stores_no_preactivations_and_matches(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    gate_up, down = _experts(3, 128, 64, True, g)
+    weights, indices = _routing("random_with_empty_expert", 9, 3, 2, g)
+    x = torch.randn(9, 128, generator=g)
+    with torch.no_grad():
+        monkeypatch.setenv("PERFT_QLORA_KERNELS", "reference")
+        reference = nf4_expert_mlp(x.to(DEVICE), gate_up, down, weights.to(DEVICE), indices.to(DEVICE), "silu")
+        monkeypatch.setenv("PERFT_QLORA_KERNELS", "triton")
+        kernel = nf4_expert_mlp(x.to(DEVICE), gate_up, down, weights.to(DEVICE), indices.to(DEVICE), "silu")
+    assert not kernel.requires_grad
+    torch.testing.assert_close(kernel, reference, rtol=1e-5, atol=1e-5)  # fp32 vs fp32: summation order only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,tokens,top_k", CASES + [("random_with_empty_expert", 1000, 3)])
+def test_matches_reference_bf16_gpu(monkeypatch, case, tokens, top_k):
+    _check(monkeypatch, case, tokens, top_k, torch.bfloat16, double_quant=True, blocks=None)
