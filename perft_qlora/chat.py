@@ -14,8 +14,6 @@ hooks on the routers' instances, removed after the request).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import threading
 import time
 import weakref
@@ -25,8 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from .adapters import adapter_kind
 from .arch import decoder_layers, get_arch
-from .checkpoint import CONFIG_NAME, AdapterError, adapter_state_dict, load_adapter, read_adapter_config
+from .checkpoint import AdapterError, adapter_state_dict, load_adapter, read_adapter_config
 from .config import PerftConfig
 from .layer import PerftMoEBlock
 from .loader import load_model
@@ -401,14 +400,9 @@ class ChatModel:
 
 def _refuse_peft_adapter(directory: str) -> None:
     """peft's adapters (the LoRA baseline) share the file name; say so instead of a format-version error."""
-    try:
-        with open(os.path.join(directory, CONFIG_NAME)) as f:
-            peft_type = json.load(f).get("peft_type")
-    except (OSError, ValueError, AttributeError):
-        return  # read_adapter_config reports missing or corrupt files
-    if peft_type:
-        raise AdapterError(f"{directory} holds a peft {peft_type} adapter (e.g. the LoRA baseline); this app serves "
-                           "PERFT adapters written by perft_qlora's save_adapter")
+    if adapter_kind(directory) == "peft":
+        raise AdapterError(f"{directory} holds a peft adapter (e.g. the LoRA baseline); this app serves PERFT "
+                           "adapters written by perft_qlora's save_adapter (python -m perft_qlora.evaluate takes both)")
 
 
 def _peft_expert_count(model) -> int:

@@ -304,7 +304,7 @@ def test_bad_adapters_are_refused_and_the_model_keeps_working(chat, adapter_dirs
     assert "adapter_config.json is missing" in errors["missing"]
     assert "model_type='mixtral'" in errors["mixtral"]
     assert "corrupt" in errors["corrupt"] and "corrupt" in errors["bad_json"]
-    assert "peft LORA adapter" in errors["lora"]
+    assert "holds a peft adapter" in errors["lora"]
     assert "reserved for the base model" in errors[BASE]
     assert "already registered" in errors["perft"]
     assert chat.names == [BASE, "perft", "perft_e"]

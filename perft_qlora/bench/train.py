@@ -1,0 +1,233 @@
+"""``python -m perft_qlora.bench train``: training speed and memory, perft_qlora against the standard recipes.
+
+    python -m perft_qlora.bench train --arch olmoe-1b-7b --batch 16 --seq 256 --baseline hf-qlora,hf-bf16,bnb-param4
+    python -m perft_qlora.bench train --arch mixtral-8x7b --batch 4 --seq 512 --num-layers 8 --baseline bnb-param4
+    python -m perft_qlora.bench train --arch tiny --steps 2 --warmup 1     # CPU: checks the harness, measures nothing
+
+A random-weight checkpoint at the architecture's real shapes is written once to ``--cache-dir`` and every
+setup loads it from disk as a user would. Each setup runs in its own process (so peaks do not mix) and trains
+through the same TRL ``SFTTrainer`` loop on random tokens with activation checkpointing; the first
+``--warmup`` steps are excluded and tokens/s is taken from the median step time. Setups:
+
+- ``perft_qlora``: ``load_model`` (every big weight NF4, experts included) + PERFT (``--variant``...).
+- ``hf-qlora``: ``BitsAndBytesConfig(load_in_4bit)`` + ``prepare_model_for_kbit_training`` + peft LoRA r=16 on
+  attention (the recipe users follow today; its experts stay bf16, bitsandbytes issue #1849).
+- ``hf-bf16``: bf16 model, ``experts_implementation="grouped_mm"``, LoRA on attention.
+- ``bnb-param4``: the bf16 model with bitsandbytes' ``replace_parameter_4bit`` (NF4, double quant) on every
+  fused expert tensor, grouped_mm, LoRA on attention (the strongest 4-bit path the libraries offer).
+
+Prints a table and writes JSON (``--out``): load seconds, peak memory while loading, weights in memory, peak
+memory while training, tokens/s. On a CPU the memory columns are the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from .random_checkpoint import ARCHES, arch_config, write_random_checkpoint
+
+SETUPS = ("perft_qlora", "hf-qlora", "hf-bf16", "bnb-param4")
+GIB = 2**30
+
+
+def _peak_bytes() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _weights_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def _attention_lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    return get_peft_model(model, config)
+
+
+def build_model(setup: str, path: str, args):
+    """(model, tokenizer) for ``setup``, ready to train."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    device = args.device
+    if setup == "perft_qlora":
+        from .. import PerftConfig, attach_perft, load_model
+
+        model, tokenizer = load_model(path, device=device, progress=False)
+        top_k = args.top_k if args.variant == "perft" else None
+        experts = args.num_experts if args.variant in ("perft", "perft_d") else None
+        attach_perft(model, PerftConfig(variant=args.variant, num_experts=experts, top_k=top_k,
+                                        bottleneck=args.bottleneck), dtype=torch.float32)
+        return model, tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if setup == "hf-qlora":
+        from peft import prepare_model_for_kbit_training
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16, device_map=device)
+        return _attention_lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=device,
+                                                 experts_implementation="grouped_mm")
+    if setup == "bnb-param4":
+        from bitsandbytes.nn.parametrize import replace_parameter_4bit
+
+        for module in model.modules():
+            for name in ("gate_up_proj", "down_proj"):
+                if isinstance(getattr(module, name, None), torch.nn.Parameter) and getattr(module, name).dim() == 3:
+                    replace_parameter_4bit(module, name, compress_statistics=True, quant_type="nf4")
+    return _attention_lora(model), tokenizer
+
+
+class _StepTimer:
+    """Trainer callback: wall time of every optimizer step (device synchronised)."""
+
+    def __init__(self):
+        self.times, self._start = [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._start)
+
+
+def run_setup(setup: str, path: str, args) -> dict:
+    """Load, then train ``warmup + steps`` steps of ``setup``; returns the measurements."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from ..trainer import PerftSFTTrainer
+
+    _reset_peak()
+    start = time.perf_counter()
+    model, tokenizer = build_model(setup, path, args)
+    load_seconds = time.perf_counter() - start
+    load_peak, weights = _peak_bytes(), _weights_bytes(model)
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    rows = torch.randint(0, min(vocab, 256), (args.batch * (args.warmup + args.steps), args.seq), generator=generator)
+    dataset = Dataset.from_dict({"input_ids": rows.tolist()})
+    on_cpu = not str(args.device).startswith("cuda")
+    with tempfile.TemporaryDirectory() as out:
+        config = SFTConfig(
+            output_dir=out, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch,
+            learning_rate=1e-5, logging_steps=10_000, save_strategy="no", report_to=["none"], max_length=args.seq,
+            activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False},
+            use_cpu=on_cpu, bf16=not on_cpu, dataloader_pin_memory=not on_cpu, disable_tqdm=True,
+        )
+        timer = _StepTimer()
+        callback = type("StepTimer", (TrainerCallback,), {"on_step_begin": timer.on_step_begin, "on_step_end": timer.on_step_end})()
+        trainer_cls = PerftSFTTrainer if setup == "perft_qlora" else SFTTrainer
+        trainer = trainer_cls(model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
+        _reset_peak()
+        trainer.train()
+    step = statistics.median(timer.times[args.warmup:])
+    return {
+        "setup": setup, "load_s": load_seconds, "load_peak_gib": load_peak / GIB, "weights_gib": weights / GIB,
+        "train_peak_gib": _peak_bytes() / GIB, "step_s": step, "tokens_per_s": args.batch * args.seq / step,
+        "steps_timed": len(timer.times) - args.warmup,
+    }
+
+
+def render(rows: list[dict]) -> str:
+    head = f"{'setup':<12} {'load s':>8} {'load peak':>10} {'weights':>9} {'train peak':>11} {'tokens/s':>10}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['setup']:<12} failed: {r['error']}")
+            continue
+        lines.append(f"{r['setup']:<12} {r['load_s']:>8.1f} {r['load_peak_gib']:>8.2f} G {r['weights_gib']:>7.2f} G "
+                     f"{r['train_peak_gib']:>9.2f} G {r['tokens_per_s']:>10,.0f}")
+    return "\n".join(lines)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m perft_qlora.bench train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="tiny", choices=sorted(ARCHES), help="shapes to build (default: %(default)s)")
+    p.add_argument("--num-layers", type=int, default=None, help="cut the model to this many decoder layers")
+    p.add_argument("--batch", type=int, default=16, help="sequences per step (default: %(default)s)")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--variant", default="perft", choices=("perft", "perft_e", "perft_d", "perft_s"))
+    p.add_argument("--num-experts", type=int, default=4, help="M (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=2, help="K' (default: %(default)s)")
+    p.add_argument("--bottleneck", type=int, default=16, help="DB (default: %(default)s)")
+    p.add_argument("--baseline", default="none", help=f"comma list of {', '.join(SETUPS[1:])}, or none")
+    p.add_argument("--steps", type=int, default=8, help="timed steps (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed first steps (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "perft_qlora", "bench"))
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one setup in this process
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("error: --steps must be >= 1 and --warmup >= 0")
+    baselines = [] if args.baseline == "none" else [b.strip() for b in args.baseline.split(",") if b.strip()]
+    unknown = sorted(set(baselines) - set(SETUPS[1:]))
+    if unknown:
+        raise SystemExit(f"error: unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(SETUPS[1:])}")
+    config = arch_config(args.arch, args.num_layers)
+    name = args.arch + (f"-{args.num_layers}l" if args.num_layers else "")
+    path = write_random_checkpoint(config, os.path.join(args.cache_dir, name))
+    if args.only:
+        print(json.dumps(run_setup(args.only, path, args)))
+        return 0
+    rows = []
+    forwarded = _without_out(argv if argv is not None else sys.argv[1:])
+    for setup in ["perft_qlora", *baselines]:
+        done = subprocess.run([sys.executable, "-m", "perft_qlora.bench", "train", *forwarded, "--only", setup],
+                              capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            rows.append({"setup": setup, "error": (done.stderr.strip().splitlines() or ["no output"])[-1][:200]})
+        else:
+            rows.append(json.loads(lines[-1]))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"{name}, batch {args.batch} x {args.seq} tokens, {args.variant}, device {device}")
+    print(render(rows))
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump({"arch": name, "batch": args.batch, "seq": args.seq, "device": device, "results": rows}, handle, indent=2)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+def _without_out(argv: list[str]) -> list[str]:
+    """``argv`` without ``--out FILE`` / ``--out=FILE`` (only the parent writes the JSON)."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--out":
+            skip = True
+        elif not item.startswith("--out="):
+            kept.append(item)
+    return kept
