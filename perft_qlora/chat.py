@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from .adapters import adapter_kind
+from .adapters import adapter_kind, attach_saved_adapter, detach_adapter
 from .arch import decoder_layers, get_arch
-from .checkpoint import AdapterError, adapter_state_dict, load_adapter, read_adapter_config
+from .checkpoint import AdapterError, adapter_state_dict, load_adapter, read_adapter_config, read_config_json
 from .config import PerftConfig
 from .layer import PerftMoEBlock
 from .loader import load_model
-from .model import attach_perft, detach_perft, iter_perft_blocks, parameter_report
+from .model import ParameterReport, attach_perft, iter_perft_blocks, parameter_report
 from .prompts import format_prompt
 
 BASE = "base"
@@ -110,10 +110,21 @@ class StreamUpdate:
 @dataclass
 class _Adapter:
     directory: str
-    config: PerftConfig
-    state: dict[str, torch.Tensor]
+    config: PerftConfig | None
+    """None for a peft adapter (the LoRA baseline), which is re-read from ``directory`` when activated."""
+    state: dict[str, torch.Tensor] | None
     metadata: dict
     report: object
+
+    @property
+    def variant(self) -> str:
+        return self.config.variant if self.config is not None else f"peft {self.metadata.get('peft_type', '?').lower()}"
+
+    @property
+    def knobs(self) -> dict:
+        if self.config is not None:
+            return self.config.to_dict()
+        return {k: self.metadata.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
 
 
 class _CancelAndCount(StoppingCriteria):
@@ -222,7 +233,10 @@ class ChatModel:
         with self._lock:
             self._detach()
             try:
-                _refuse_peft_adapter(directory)
+                if adapter_kind(directory) == "peft":
+                    entry = self._peft_entry(directory)
+                    self.adapters[name] = entry
+                    return
                 metadata = read_adapter_config(directory)
                 load_adapter(self.model, directory)
                 state = {k: v.clone() for k, v in adapter_state_dict(self.model).items()}
@@ -233,6 +247,17 @@ class ChatModel:
             finally:
                 self._detach()
         self.adapters[name] = entry
+
+    def _peft_entry(self, directory: str) -> _Adapter:
+        """Check a peft adapter fits the base (attach, count its LoRA values, detach); call with the lock held."""
+        adapted = attach_saved_adapter(self.model, directory)
+        try:
+            values = sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n)
+        finally:
+            self.model = detach_adapter(adapted)
+        base = self._base_report
+        report = ParameterReport(values, values, base.backbone, base.backbone_per_token)  # LoRA is dense per token
+        return _Adapter(directory, None, None, read_config_json(directory), report)
 
     def register_many(self, specs: dict[str, str]) -> dict[str, str]:
         """Register each ``name -> directory``; returns ``name -> error message`` for those that failed."""
@@ -253,8 +278,8 @@ class ChatModel:
         entry = self._adapter(name)
         r = entry.report
         return {
-            "name": name, "directory": entry.directory, "variant": entry.config.variant,
-            "knobs": entry.config.to_dict(), "trainable_parameters": r.trainable,
+            "name": name, "directory": entry.directory, "variant": entry.variant,
+            "knobs": entry.knobs, "trainable_parameters": r.trainable,
             "activated_parameters_per_token": r.trainable_per_token, "activated_ratio": r.activated_ratio,
             "backbone_parameters_per_token": r.backbone_per_token, "adapter_config": entry.metadata,
         }
@@ -265,8 +290,8 @@ class ChatModel:
         return self.adapters[name]
 
     def _detach(self) -> None:
-        if getattr(self.model, "perft_config", None) is not None:
-            detach_perft(self.model)
+        if getattr(self.model, "perft_config", None) is not None or hasattr(self.model, "peft_config"):
+            self.model = detach_adapter(self.model)
         self.active = BASE
 
     def _activate(self, name: str) -> None:
@@ -275,7 +300,10 @@ class ChatModel:
             return
         entry = self._adapter(name) if name != BASE else None
         self._detach()
-        if entry is not None:
+        if entry is not None and entry.config is None:  # peft: re-read its (small) files
+            self.model = attach_saved_adapter(self.model, entry.directory)
+            self.active = name
+        elif entry is not None:
             dtype = next(iter(entry.state.values())).dtype  # as load_adapter attached it (bf16 or fp32 masters)
             attach_perft(self.model, entry.config, dtype=dtype)
             with torch.no_grad():
@@ -376,7 +404,7 @@ class ChatModel:
                 result["trace"] = recorder.trace(
                     new_ids, tokens, num_base_experts=self.arch.num_experts(self.model.config),
                     num_peft_experts=_peft_expert_count(self.model) if block else 0,
-                    variant=block.config.variant if block else None,
+                    variant=block.variant if block else None,
                 )
         except Exception as err:  # noqa: BLE001  reported to the consumer, which raises ChatError
             result["error"] = err
@@ -396,13 +424,6 @@ class ChatModel:
         turn = [*history, {"role": "user", "content": user_content(message, context)}]
         for update in self.stream(name, prompt, settings, cancel, add_special_tokens=style == "template"):
             yield [*turn, {"role": "assistant", "content": update.text}], update
-
-
-def _refuse_peft_adapter(directory: str) -> None:
-    """peft's adapters (the LoRA baseline) share the file name; say so instead of a format-version error."""
-    if adapter_kind(directory) == "peft":
-        raise AdapterError(f"{directory} holds a peft adapter (e.g. the LoRA baseline); this app serves PERFT "
-                           "adapters written by perft_qlora's save_adapter (python -m perft_qlora.evaluate takes both)")
 
 
 def _peft_expert_count(model) -> int:

@@ -92,6 +92,39 @@ def test_each_column_matches_a_freshly_loaded_adapter(chat, adapter_dirs):
         assert replies[name] == expected
 
 
+def test_lora_baseline_is_served_beside_perft_and_detaches_cleanly(adapter_dirs, tmp_path):
+    from perft_qlora.adapters import attach_saved_adapter
+    from perft_qlora.baseline import attach_lora_baseline
+
+    base_dir, dirs = adapter_dirs
+    model, tokenizer = load_model(base_dir, device="cpu", progress=False)
+    lora = attach_lora_baseline(model, rank=4, alpha=8.0, dropout=0.0)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+    lora.save_pretrained(str(tmp_path / "lora"))
+    served, _ = load_model(base_dir, device="cpu", progress=False)
+    chat = ChatModel(served, tokenizer, name=base_dir)
+    assert chat.register_many({"lora": str(tmp_path / "lora"), "perft": dirs["perft"]}) == {}
+    info = chat.info("lora")
+    assert info["variant"] == "peft lora" and info["knobs"]["r"] == 4
+    # rank 4 on q/o (64 -> 64) and k/v (64 -> 32: two KV heads of 16) in 2 layers; LoRA is dense, so all per token
+    assert info["trainable_parameters"] == info["activated_parameters_per_token"] == 2 * 4 * ((64 + 64) * 2 + (64 + 32) * 2)
+    order = [(name, _reply(chat, name)[-1].text) for name in ("lora", BASE, "perft", "lora")]
+    assert order[0][1] == order[3][1], "the LoRA column changed after switching through the others"
+    replies = dict(order)
+    fresh, _ = load_model(base_dir, device="cpu", progress=False)
+    reference = attach_saved_adapter(fresh, str(tmp_path / "lora"))
+    ids = tokenizer(format_prompt("hello"), return_tensors="pt").input_ids
+    out = reference.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert replies["lora"] == tokenizer.decode(out[0, ids.shape[-1]:].tolist(), skip_special_tokens=True)
+    assert replies[BASE] == tokenizer.decode(_reference_reply(base_dir, None, "hello", 10), skip_special_tokens=True)
+    assert replies["lora"] != replies[BASE]
+    _reply(chat, BASE)
+    assert not hasattr(chat.model, "peft_config")  # switching away removes the LoRA layers again
+
+
 def test_stream_grows_and_reports_speed(chat):
     updates = _reply(chat, "perft")
     assert len(updates) >= 3
@@ -304,7 +337,7 @@ def test_bad_adapters_are_refused_and_the_model_keeps_working(chat, adapter_dirs
     assert "adapter_config.json is missing" in errors["missing"]
     assert "model_type='mixtral'" in errors["mixtral"]
     assert "corrupt" in errors["corrupt"] and "corrupt" in errors["bad_json"]
-    assert "holds a peft adapter" in errors["lora"]
+    assert "peft adapter" in errors["lora"] and "does not fit this model" in errors["lora"]
     assert "reserved for the base model" in errors[BASE]
     assert "already registered" in errors["perft"]
     assert chat.names == [BASE, "perft", "perft_e"]
