@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import shutil
 import sys
 
 import torch
@@ -45,6 +46,8 @@ def resolve_resume(args: argparse.Namespace) -> str | None:
                 f"error: {args.output_dir} already holds checkpoints ({os.path.basename(existing[-1])}); "
                 "pass --resume to continue that run, --overwrite to start over, or another --output-dir"
             )
+        for directory in existing:  # --overwrite: the earlier run's checkpoints go (nothing else is touched)
+            shutil.rmtree(directory)
         return None
     if args.resume != "last":
         if not os.path.isdir(args.resume):

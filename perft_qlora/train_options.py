@@ -28,7 +28,7 @@ DEMO_INIT_RANGE = 0.08
 DEMO_PRESETS = dict(
     data=demo_data_path("train"), output_dir="perft-demo", variant="perft", num_experts=4, top_k=2, bottleneck=8,
     adapter_dropout=0.0, val_size=16, epochs=3.0, batch_size=16, learning_rate=1e-2, warmup_steps=5,
-    logging_steps=5, eval_steps=15, save_steps=15, max_length=384,
+    logging_steps=5, eval_steps=15, save_steps=15, max_length=384, overwrite=True,
 )
 
 
@@ -96,7 +96,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--report-to", type=_str_list, default=["none"], help="Trainer integrations, e.g. tensorboard,wandb")
     g.add_argument("--backend", default="default", choices=("default", "unsloth"), help="unsloth: CUDA + Unsloth installed")
     g.add_argument("--resume", nargs="?", const="last", default=None, help="continue from the last checkpoint in --output-dir (or a path)")
-    g.add_argument("--overwrite", action="store_true", help="start over even if --output-dir holds checkpoints")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over: delete --output-dir's checkpoint-* dirs first (--demo does this by default)")
     return p
 
 

@@ -136,9 +136,15 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_existing_checkpoints_need_resume_or_overwrite(tmp_path):
+    plain = ["--output-dir", str(tmp_path), "--max-steps", "1", "--save-steps", "1", "--val-size", "0",
+             "--batch-size", "4", "--max-length", "128", "--model", "m", "--data", "d.json"]
     run(quick_args(tmp_path, "--max-steps", "1", "--save-steps", "1"))
+    (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit, match="pass --resume"):
-        run(quick_args(tmp_path, "--max-steps", "1"))
+        run(parse_args(plain))  # without --demo nothing is overwritten by default
+    again = run(quick_args(tmp_path, "--max-steps", "1", "--save-steps", "1"))  # --demo starts over by itself
+    assert again.state.global_step == 1 and (tmp_path / "checkpoint-1").is_dir()
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only checkpoint-* dirs are removed
     with pytest.raises(SystemExit, match="no checkpoint"):
         run(quick_args(tmp_path / "empty", "--resume"))
 
