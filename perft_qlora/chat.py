@@ -233,20 +233,20 @@ class ChatModel:
         with self._lock:
             self._detach()
             try:
-                if adapter_kind(directory) == "peft":
-                    entry = self._peft_entry(directory)
-                    self.adapters[name] = entry
-                    return
-                metadata = read_adapter_config(directory)
-                load_adapter(self.model, directory)
-                state = {k: v.clone() for k, v in adapter_state_dict(self.model).items()}
-                entry = _Adapter(directory, dataclasses.replace(self.model.perft_config), state, metadata,
-                                 parameter_report(self.model))
+                entry = self._peft_entry(directory) if adapter_kind(directory) == "peft" else self._perft_entry(directory)
             except OSError as err:
                 raise AdapterError(f"cannot read adapter {directory}: {err}") from err
             finally:
                 self._detach()
         self.adapters[name] = entry
+
+    def _perft_entry(self, directory: str) -> _Adapter:
+        """Load a PERFT adapter once and keep a copy of its tensors; call with the lock held."""
+        metadata = read_adapter_config(directory)
+        load_adapter(self.model, directory)
+        state = {k: v.clone() for k, v in adapter_state_dict(self.model).items()}
+        return _Adapter(directory, dataclasses.replace(self.model.perft_config), state, metadata,
+                        parameter_report(self.model))
 
     def _peft_entry(self, directory: str) -> _Adapter:
         """Check a peft adapter fits the base (attach, count its LoRA values, detach); call with the lock held."""

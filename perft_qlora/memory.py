@@ -125,3 +125,13 @@ def count_values(model: nn.Module) -> tuple[int, int]:
         total += values
         experts += values if kind == "experts" else 0
     return total, experts
+
+
+def peak_memory_bytes() -> tuple[str, int]:
+    """``("gpu", bytes)``: torch's peak CUDA allocation since the last reset, or ``("rss", bytes)``: the process's
+    peak resident set on a machine without CUDA (Linux reports it in KiB)."""
+    if torch.cuda.is_available():
+        return "gpu", torch.cuda.max_memory_allocated()
+    import resource
+
+    return "rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

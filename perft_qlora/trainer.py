@@ -21,14 +21,13 @@ bitsandbytes' format but outside that machinery, so the check does not apply; th
 from __future__ import annotations
 
 import math
-import resource
 import time
 
-import torch
 from trl import SFTTrainer
 
 from .checkpoint import load_adapter, save_adapter
 from .losses import perft_balance_loss
+from .memory import peak_memory_bytes
 from .model import balance_loss_coef
 from .stats import routing_stats
 
@@ -41,10 +40,9 @@ def _perft_model(model):
 
 
 def peak_memory_gib() -> dict[str, float]:
-    """``peak_gpu_mem_gib`` (allocated by torch, since the last reset) on CUDA, else the process's peak RSS."""
-    if torch.cuda.is_available():
-        return {"peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
-    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # ru_maxrss is KiB on Linux
+    """``peak_gpu_mem_gib`` (allocated by torch, since the last reset) on CUDA, else ``peak_rss_gib``."""
+    kind, peak = peak_memory_bytes()
+    return {"peak_gpu_mem_gib" if kind == "gpu" else "peak_rss_gib": peak / 2**30}
 
 
 def routing_log(model) -> dict[str, float]:

@@ -33,18 +33,11 @@ import time
 
 import torch
 
+from ..memory import peak_memory_bytes
 from .random_checkpoint import ARCHES, arch_config, write_random_checkpoint
 
 SETUPS = ("perft_qlora", "hf-qlora", "hf-bf16", "bnb-param4")
 GIB = 2**30
-
-
-def _peak_bytes() -> int:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _reset_peak() -> None:
@@ -127,7 +120,7 @@ def run_setup(setup: str, path: str, args) -> dict:
     start = time.perf_counter()
     model, tokenizer = build_model(setup, path, args)
     load_seconds = time.perf_counter() - start
-    load_peak, weights = _peak_bytes(), _weights_bytes(model)
+    load_peak, weights = peak_memory_bytes()[1], _weights_bytes(model)
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     rows = torch.randint(0, min(vocab, 256), (args.batch * (args.warmup + args.steps), args.seq), generator=generator)
@@ -149,7 +142,7 @@ def run_setup(setup: str, path: str, args) -> dict:
     step = statistics.median(timer.times[args.warmup:])
     return {
         "setup": setup, "load_s": load_seconds, "load_peak_gib": load_peak / GIB, "weights_gib": weights / GIB,
-        "train_peak_gib": _peak_bytes() / GIB, "step_s": step, "tokens_per_s": args.batch * args.seq / step,
+        "train_peak_gib": peak_memory_bytes()[1] / GIB, "step_s": step, "tokens_per_s": args.batch * args.seq / step,
         "steps_timed": len(timer.times) - args.warmup,
     }
 
