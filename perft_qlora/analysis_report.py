@@ -35,11 +35,15 @@ def _write_text(path: str, text: str) -> None:
     os.replace(temporary, path)
 
 
+def plots_available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def write_analysis(result: dict, out_dir: str, command: str | None = None) -> dict:
     """Write the JSON, the plots (when matplotlib is installed) and the report; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     figures = []
-    if importlib.util.find_spec("matplotlib") is not None:
+    if plots_available():
         from .analysis_plots import draw_all
 
         figures = draw_all(result, out_dir)
@@ -84,28 +88,28 @@ def report_markdown(result: dict) -> str:
     adapters = ", ".join(f"`{n}` ({a['variant']}, {a['directory']})" for n, a in result["adapters"].items()) or "none"
     lines = [
         f"# Analysis of `{result['model']}`", "",
-        f"{result['model_type']}, {result['num_layers']} layers, {result['num_experts']} experts (top-{result['top_k']}), "
-        f"hidden size {result['hidden_size']}. Adapters: {adapters}.  ",
-        f"Layers {s['layers']}; key vectors: {s['keys_per_expert']} `{s['keys']}` rows per expert (seed {s['seed']}); "
-        f"projection: {s['projection']}; routed tokens: {s['tokens']} from {s['texts']} texts.", "",
+        (f"{result['model_type']}, {result['num_layers']} layers, {result['num_experts']} experts (top-{result['top_k']}), "
+        f"hidden size {result['hidden_size']}. Adapters: {adapters}.  "),
+        (f"Layers {s['layers']}; key vectors: {s['keys_per_expert']} `{s['keys']}` rows per expert (seed {s['seed']}); "
+        f"projection: {s['projection']}; routed tokens: {s['tokens']} from {s['texts']} texts."), "",
     ]
     if result.get("command"):
         lines += [f"Command: `{result['command']}`", ""]
     lines += [
         "## How to read it", "",
-        "- Cosines compare directions. Two unrelated directions of this width give a mean |cos| of "
-        f"{result['chance_abs_cos']:.3f}; values well above it mean the vectors share a direction.",
-        "- *router · own keys*: mean cosine of each base router expert vector with its own expert's key vectors "
+        ("- Cosines compare directions. Two unrelated directions of this width give a mean |cos| of "
+        f"{result['chance_abs_cos']:.3f}; values well above it mean the vectors share a direction."),
+        ("- *router · own keys*: mean cosine of each base router expert vector with its own expert's key vectors "
         "(vs *other keys*); *nearest key is own*: share of router vectors whose single most similar key vector "
-        "belongs to their own expert.",
-        "- *PEFT router · nearest base router*: mean over PEFT router vectors of the cosine with the closest base "
+        "belongs to their own expert."),
+        ("- *PEFT router · nearest base router*: mean over PEFT router vectors of the cosine with the closest base "
         "router vector. *PEFT down*: each down-projection row (what a PEFT expert reads) against the closest base "
-        "router / key vector, as |cos| (a row's sign is arbitrary).",
-        "- Routing: *load entropy* 1 = every expert used equally; *agreement*: share of tokens whose PEFT top-1 "
+        "router / key vector, as |cos| (a row's sign is arbitrary)."),
+        ("- Routing: *load entropy* 1 = every expert used equally; *agreement*: share of tokens whose PEFT top-1 "
         "expert's counterpart base expert (PERFT-E: itself; PERFT: the nearest base router vector) is in the base "
         "router's top-K, beside what independent routers would give; *NMI top-1*: normalized mutual information of "
         "the two routers' first choices; *base top-K kept*: share of the bare base model's top-K choices the "
-        "base router still makes with the adapter attached (earlier layers' adapters move the hidden states).",
+        "base router still makes with the adapter attached (earlier layers' adapters move the hidden states)."),
         "", "## Geometry", "", *_table(result["summary"], GEOMETRY_COLUMNS), "",
     ]
     if s["tokens"]:
@@ -141,12 +145,12 @@ def adapter_analysis_markdown(adapter_dir: str) -> tuple[str, list[str]]:
     found = find_analysis(adapter_dir)
     if found is None:
         out = default_out_dir([adapter_dir])
-        return (f"No analysis yet. Make one with `python -m perft_qlora.analyze --model BASE --adapter NAME={adapter_dir}`"
-                f" (written to `{out}`).", [])
+        return ((f"No analysis yet. Make one with `python -m perft_qlora.analyze --model BASE --adapter NAME={adapter_dir}`"
+                f" (written to `{out}`)."), [])
     out_dir, name, result = found
     rows = [r for r in result["summary"] if r["name"] in (name, "base")]
     columns = [c for c in GEOMETRY_COLUMNS[:2] + GEOMETRY_COLUMNS[6:] + ROUTING_COLUMNS[2:4]]
-    lines = [f"**Analysis** of `{name}` ({result['adapters'][name]['variant']}): "
-             f"`{os.path.join(out_dir, REPORT_NAME)}`", "", *_table(rows, columns)]
+    lines = [(f"**Analysis** of `{name}` ({result['adapters'][name]['variant']}): "
+             f"`{os.path.join(out_dir, REPORT_NAME)}`"), "", *_table(rows, columns)]
     plots = [os.path.join(out_dir, f["file"]) for f in result.get("figures", [])]
     return "\n".join(lines), [p for p in plots if os.path.isfile(p)]

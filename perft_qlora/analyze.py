@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         projection = projection_method(args.projection)
         texts = load_texts(args)
     except (InputError, AdapterError, DataError, ValueError) as err:  # UnsupportedArchitectureError is a ValueError
-        raise SystemExit(f"error: {err}") from None
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     out_dir = args.out or default_out_dir([s.directory for s in adapters])
     from .loader import load_model  # after the checks: importing the loader pulls in bitsandbytes
 
