@@ -24,6 +24,7 @@ from .geometry import (
     down_alignment,
     peft_router_alignment,
     project_2d,
+    random_baseline,
     router_key_alignment,
 )
 from .model import detach_perft
@@ -77,7 +78,8 @@ def _layer_geometry(model, layer: int, adapters: list[AdapterSpec], keys: str, k
     n, s, _ = base.keys.shape
     groups = {"base router": base.router, "base keys": base.keys.reshape(n * s, -1)}
     experts = {"base router": list(range(n)), "base keys": [e for e in range(n) for _ in range(s)]}
-    entry = {"base": router_key_alignment(base), "key_rows": base.key_rows, "adapters": {}}
+    entry = {"base": router_key_alignment(base), "random": random_baseline(base, seed=seed), "key_rows": base.key_rows,
+             "adapters": {}}
     for spec in adapters:
         vectors = adapter_vectors(spec.weights_path, layer)
         if vectors is None:  # the adapter skips this layer
@@ -167,6 +169,11 @@ def summary_rows(result: dict) -> list[dict]:
                      "router_own_keys_cos": base["own_mean_cos"], "router_other_keys_cos": base["other_mean_cos"],
                      "nearest_key_is_own": base["nearest_key_is_own"],
                      "load_entropy": (routing.get("base") or {}).get("entropy")})
+        chance = entry["random"]
+        rows.append({"layer": int(layer), "name": "random", "variant": "random directions",
+                     "router_nearest_base_cos": chance["nearest_base_cos"],
+                     "down_router_abs_cos": chance["nearest_base_abs_cos"],
+                     "down_keys_abs_cos": chance["nearest_key_abs_cos"]})
         for name, adapter in entry["adapters"].items():
             if adapter is None:
                 continue

@@ -68,7 +68,11 @@ def draw_map(result: dict, layer: str, out_dir: str) -> tuple[str, str, str]:
     axis.set(title=f"Layer {layer}: router and key vectors of the base experts and the PEFT experts ({method})",
              xlabel=xlabel, ylabel=ylabel)
     axis.title.set_fontsize(10)
-    axis.legend(fontsize=7, loc="best", framealpha=0.85)
+    legend = axis.legend(fontsize=7, loc="best", framealpha=0.85)
+    for handle, text in zip(legend.legend_handles, legend.get_texts()):
+        if text.get_text().startswith("base"):  # coloured by expert in the plot: grey in the legend, see colour bar
+            handle.set_array(None)
+            handle.set_facecolor("0.55")
     figure.colorbar(scale, ax=axis, label="base expert", ticks=range(0, n, max(1, n // 16)))
     caption = (f"Layer {layer}: every vector as a unit direction, projected to 2-D ({method}). Stars: the base "
                "router's expert vectors; dots: sampled key vectors of each base expert (same colour); "
@@ -95,12 +99,15 @@ def draw_similarity(result: dict, out_dir: str) -> tuple[str, str, str]:
                       label=f"{name}: PEFT router vs nearest base router vector (mean cos)")
         axis.plot([r["layer"] for r in mine], [r["down_router_abs_cos"] for r in mine], "--x", color=color,
                   label=f"{name}: PEFT down rows vs nearest base router vector (mean |cos|)")
-    axis.axhline(result["chance_abs_cos"], color="grey", linewidth=0.8,
-                 label=f"two random directions (mean |cos| = {result['chance_abs_cos']:.3f})")
+    chance = [r for r in rows if r["name"] == "random"]
+    axis.plot(layers, [r["router_nearest_base_cos"] for r in chance], "-", color="grey", linewidth=0.9,
+              label="random direction vs nearest base router vector (mean cos)")
+    axis.plot(layers, [r["down_router_abs_cos"] for r in chance], "--", color="grey", linewidth=0.9,
+              label="random direction vs nearest base router vector (mean |cos|)")
     axis.set(title="Cosine similarity per layer", xlabel="layer", ylabel="cosine similarity", xticks=layers)
     axis.legend(fontsize=7, loc="best", framealpha=0.85)
-    caption = ("Per layer: how close each kind of vector lies to the base experts' directions; the grey line is "
-               "what two unrelated directions of this width give.")
+    caption = ("Per layer: how close each kind of vector lies to the base experts' directions; the grey lines are "
+               "what random directions give against the same base vectors.")
     return _save(figure, out_dir, "similarity.png"), "Cosine similarities per layer", caption
 
 

@@ -98,7 +98,8 @@ def report_markdown(result: dict) -> str:
     lines += [
         "## How to read it", "",
         ("- Cosines compare directions. Two unrelated directions of this width give a mean |cos| of "
-        f"{result['chance_abs_cos']:.3f}; values well above it mean the vectors share a direction."),
+        f"{result['chance_abs_cos']:.3f}. A *nearest* value is a maximum over many vectors, so compare it with "
+        "the *random* row: the same summary for random directions against this layer's base vectors."),
         ("- *router · own keys*: mean cosine of each base router expert vector with its own expert's key vectors "
         "(vs *other keys*); *nearest key is own*: share of router vectors whose single most similar key vector "
         "belongs to their own expert."),
@@ -148,7 +149,7 @@ def adapter_analysis_markdown(adapter_dir: str) -> tuple[str, list[str]]:
         return ((f"No analysis yet. Make one with `python -m perft_qlora.analyze --model BASE --adapter NAME={adapter_dir}`"
                 f" (written to `{out}`)."), [])
     out_dir, name, result = found
-    rows = [r for r in result["summary"] if r["name"] in (name, "base")]
+    rows = [r for r in result["summary"] if r["name"] in (name, "base", "random")]
     columns = [c for c in GEOMETRY_COLUMNS[:2] + GEOMETRY_COLUMNS[6:] + ROUTING_COLUMNS[2:4]]
     lines = [(f"**Analysis** of `{name}` ({result['adapters'][name]['variant']}): "
              f"`{os.path.join(out_dir, REPORT_NAME)}`"), "", *_table(rows, columns)]

@@ -62,7 +62,7 @@ def parse_adapters(values: list[str], config) -> list:
         name, sep, directory = value.partition("=")
         if not sep:
             name, directory = os.path.basename(os.path.normpath(value)), value
-        if name in [s.name for s in specs] or name == "base":
+        if name in [s.name for s in specs] or name in ("base", "random"):  # the report's own rows
             raise InputError(f"adapter name {name!r} is used twice or is reserved; name them: --adapter NAME=DIR")
         specs.append(read_adapter_spec(name, os.path.expanduser(directory), config))
     return specs

@@ -160,6 +160,18 @@ def down_alignment(adapter: AdapterVectors, base: BaseVectors) -> dict:
     return out
 
 
+def random_baseline(base: BaseVectors, samples: int = 1000, seed: int = 0) -> dict:
+    """What the "nearest" summaries give for random directions (Gaussian, ``samples`` of them) against this
+    layer's own base vectors: the level to compare PEFT vectors with, since a maximum over N is never 0."""
+    n, s, d = base.keys.shape
+    queries = torch.randn(samples, d, generator=torch.Generator().manual_seed(seed))
+    to_router = cosine_matrix(queries, base.router)  # (samples, N)
+    to_keys = cosine_matrix(queries, base.keys.reshape(n * s, d)).abs().max(-1).values
+    return {"samples": samples, "nearest_base_cos": round(float(to_router.max(-1).values.mean()), 6),
+            "nearest_base_abs_cos": round(float(to_router.abs().max(-1).values.mean()), 6),
+            "nearest_key_abs_cos": round(float(to_keys.mean()), 6)}
+
+
 def project_2d(groups: dict[str, torch.Tensor], method: str = "pca", seed: int = 0) -> dict:
     """One 2-D map of every row of every group (``name -> (R, D)``), on unit-length rows (directions).
 

@@ -91,6 +91,8 @@ def test_similarity_summaries_come_out_as_constructed(geometry_result):
         assert base["own_mean_cos"] == pytest.approx([1.0] * N, **close)
         assert base["other_mean_cos"] == pytest.approx([0.0] * N, **close)  # Hadamard rows are orthogonal
         assert base["summary"]["nearest_key_is_own"] == 1.0
+        chance = entry["random"]  # random directions against the same vectors: far from the constructed 1.0
+        assert 0.1 < chance["nearest_base_cos"] < chance["nearest_base_abs_cos"] < 0.5
         router = entry["adapters"]["perft"]["router"]
         assert router["nearest_base_expert"] == PERM and router["nearest_key_expert"] == PERM
         assert router["nearest_base_cos"] == pytest.approx([1.0] * N, **close)
@@ -211,7 +213,7 @@ def test_every_number_in_the_report_is_in_the_json(cli_run):
     result = json.loads((out / "analysis.json").read_text())
     report = (out / "report.md").read_text()
     table_rows = [line for line in report.splitlines() if re.match(r"\| \d+ \|", line)]
-    assert len(table_rows) == 2 * 2 * 2  # (geometry + routing tables) x 2 layers x (base + perft)
+    assert len(table_rows) == 2 * 3 + 2 * 2  # 2 layers x geometry (base, random, perft) + routing (base, perft)
     json_numbers = {f"{v:.3f}" for row in result["summary"] for v in row.values() if isinstance(v, float)}
     for line in table_rows:
         for cell in line.strip("|").split("|")[3:]:
