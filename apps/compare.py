@@ -180,7 +180,8 @@ class CompareApp:
             return f"⚠️ {err}", []
         if "directory" not in info:
             return "Pick an adapter to see its analysis (the base model appears in each adapter's).", []
-        text, plots = adapter_analysis_markdown(info["directory"])
+        others = tuple(self.chat.info(other)["directory"] for other in self.chat.names[1:])
+        text, plots = adapter_analysis_markdown(info["directory"], others)
         from PIL import Image  # a gradio dependency; images, not paths, so no file serving is needed
 
         return text, [(Image.open(path), os.path.basename(path)) for path in plots]

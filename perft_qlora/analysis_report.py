@@ -3,7 +3,8 @@
 Where it lives: ``python -m perft_qlora.analyze`` writes to ``--out``, by default ``analysis/`` beside the
 first adapter's directory (``perft-demo/adapter`` -> ``perft-demo/analysis/``); not inside it, because
 ``save_adapter`` refuses to replace a directory holding anything but an adapter. :func:`find_analysis`
-looks there for a report covering a given adapter directory (the comparison app's info panel uses it).
+looks there (and beside other adapters analysed with it) for a report covering a given adapter directory
+(the comparison app's info panel uses it).
 The markdown and the plots are rendered from the JSON dict alone.
 """
 
@@ -126,24 +127,29 @@ def report_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def find_analysis(adapter_dir: str) -> tuple[str, str, dict] | None:
-    """``(analysis dir, adapter name in it, result)`` of the analysis beside ``adapter_dir`` that covers it."""
+def find_analysis(adapter_dir: str, also_beside: tuple[str, ...] = ()) -> tuple[str, str, dict] | None:
+    """``(analysis dir, adapter name in it, result)`` of an analysis covering ``adapter_dir``.
+
+    Looks in ``analysis/`` beside ``adapter_dir``, then beside each of ``also_beside`` (adapters analysed
+    together are written beside the first of them).
+    """
     adapter_dir = os.path.realpath(adapter_dir)
-    out_dir = default_out_dir([adapter_dir])
-    try:
-        with open(os.path.join(out_dir, JSON_NAME), encoding="utf-8") as f:
-            result = json.load(f)
-    except (OSError, ValueError):
-        return None
-    for name, adapter in (result.get("adapters") or {}).items():
-        if os.path.realpath(adapter.get("directory", "")) == adapter_dir:
-            return out_dir, name, result
+    for directory in (adapter_dir, *also_beside):
+        out_dir = default_out_dir([directory])
+        try:
+            with open(os.path.join(out_dir, JSON_NAME), encoding="utf-8") as f:
+                result = json.load(f)
+        except (OSError, ValueError):
+            continue
+        for name, adapter in (result.get("adapters") or {}).items():
+            if os.path.realpath(adapter.get("directory", "")) == adapter_dir:
+                return out_dir, name, result
     return None
 
 
-def adapter_analysis_markdown(adapter_dir: str) -> tuple[str, list[str]]:
+def adapter_analysis_markdown(adapter_dir: str, also_beside: tuple[str, ...] = ()) -> tuple[str, list[str]]:
     """A short markdown summary of ``adapter_dir``'s analysis and its plot files, or how to make one."""
-    found = find_analysis(adapter_dir)
+    found = find_analysis(adapter_dir, also_beside)
     if found is None:
         out = default_out_dir([adapter_dir])
         return ((f"No analysis yet. Make one with `python -m perft_qlora.analyze --model BASE --adapter NAME={adapter_dir}`"

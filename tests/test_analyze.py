@@ -187,16 +187,19 @@ def cli_run(tmp_path_factory, tiny_checkpoint):
     """The CLI on a tiny base + a saved PERFT adapter, with --data and the default --out."""
     root = tmp_path_factory.mktemp("cli")
     base = tiny_checkpoint("olmoe")
-    model, _ = load_model(base, device="cpu", progress=False)
-    attach_perft(model, PerftConfig(variant="perft", num_experts=4, top_k=2, bottleneck=8))
-    adapter = save_adapter(model, str(root / "run" / "adapter"))
-    main(["--model", base, "--adapter", f"perft={adapter}", "--data", _data_file(root / "rows.json"),
-          "--max-length", "32", "--keys-per-expert", "8"])
-    return root / "run" / "analysis", adapter
+    adapters = []
+    for directory, config in (("run", PerftConfig(variant="perft", num_experts=4, top_k=2, bottleneck=8)),
+                              ("other", PerftConfig(variant="perft_e", bottleneck=8))):
+        model, _ = load_model(base, device="cpu", progress=False)
+        attach_perft(model, config)
+        adapters.append(save_adapter(model, str(root / directory / "adapter")))
+    main(["--model", base, "--adapter", f"perft={adapters[0]}", "--adapter", f"perft_e={adapters[1]}",
+          "--data", _data_file(root / "rows.json"), "--max-length", "32", "--keys-per-expert", "8"])
+    return root / "run" / "analysis", adapters
 
 
 def test_cli_writes_json_markdown_and_pngs(cli_run):
-    out, adapter = cli_run
+    out, (adapter, other) = cli_run
     result = json.loads((out / "analysis.json").read_text())
     files = [f["file"] for f in result["figures"]]
     assert files == ["layer0_map.png", "layer1_map.png", "similarity.png", "routing_load.png", "routing_agreement.png"]
@@ -205,6 +208,8 @@ def test_cli_writes_json_markdown_and_pngs(cli_run):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({name})" in report
     assert result["adapters"]["perft"]["directory"] == adapter and result["settings"]["texts"] == 3
+    assert result["adapters"]["perft_e"]["directory"] == other and sorted(os.listdir(out.parent.parent / "other")) == [
+        "adapter"]  # one report, beside the first adapter only
     assert result["command"].startswith("python -m perft_qlora.analyze --model")
 
 
@@ -213,7 +218,7 @@ def test_every_number_in_the_report_is_in_the_json(cli_run):
     result = json.loads((out / "analysis.json").read_text())
     report = (out / "report.md").read_text()
     table_rows = [line for line in report.splitlines() if re.match(r"\| \d+ \|", line)]
-    assert len(table_rows) == 2 * 3 + 2 * 2  # 2 layers x geometry (base, random, perft) + routing (base, perft)
+    assert len(table_rows) == 2 * 4 + 2 * 3  # 2 layers x geometry (base, random, 2 adapters) + routing (base, 2)
     json_numbers = {f"{v:.3f}" for row in result["summary"] for v in row.values() if isinstance(v, float)}
     for line in table_rows:
         for cell in line.strip("|").split("|")[3:]:
@@ -237,13 +242,17 @@ def test_app_info_panel_shows_the_analysis(cli_run, tiny_checkpoint):
 
     from perft_qlora.chat import ChatModel
 
-    _, adapter = cli_run
+    _, (adapter, other) = cli_run
     chat = ChatModel(*load_model(tiny_checkpoint("olmoe"), device="cpu", progress=False), name="tiny")
-    chat.register_adapter("mine", adapter)
+    chat.register_adapter("second", other)
     app = load_app().CompareApp(chat, 2)
-    text, plots = app.analysis("mine")
-    assert "**Analysis** of `perft`" in text and "report.md" in text and "| 1 | perft |" in text
-    assert [caption for _, caption in plots][:2] == ["layer0_map.png", "layer1_map.png"]
+    text, plots = app.analysis("second")
+    assert "No analysis yet" in text and plots == []  # its report is beside the other adapter, not loaded here
+    chat.register_adapter("mine", adapter)
+    for name, shown in (("mine", "perft"), ("second", "perft_e")):
+        text, plots = app.analysis(name)
+        assert f"**Analysis** of `{shown}`" in text and "report.md" in text and f"| 1 | {shown} |" in text
+        assert [caption for _, caption in plots][:2] == ["layer0_map.png", "layer1_map.png"]
     text, plots = app.analysis("base")
     assert plots == [] and "Pick an adapter" in text
 
