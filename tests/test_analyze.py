@@ -82,7 +82,7 @@ def geometry_result(geometry_dirs):
 
 
 def test_similarity_summaries_come_out_as_constructed(geometry_result):
-    close = dict(abs=1e-4, rel=0)
+    close = {"abs": 1e-4, "rel": 0}
     for layer in ("0", "1"):
         entry = geometry_result["layers"][layer]
         base = entry["base"]
