@@ -25,9 +25,12 @@ import torch.nn.functional as F
 from .sorting import ExpertSort, gate_matrix, sort_by_expert
 
 
+_GROUPED_MM = getattr(F, "grouped_mm", None) or torch._grouped_mm  # F.grouped_mm is the public name from torch 2.10
+
+
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``a[rows of g] @ b[g]`` for rows sorted by group; ``offsets`` (G+1,) int64 from ``sort_by_expert``."""
-    return F.grouped_mm(a, b, offs=offsets[1:].to(torch.int32))
+    return _GROUPED_MM(a, b, offs=offsets[1:].to(torch.int32))
 
 
 def _slot_sum(rows: torch.Tensor, sort: ExpertSort, tokens: int) -> torch.Tensor:
