@@ -206,6 +206,9 @@ def _grouped_unsupported(x, *widths: int) -> str | None:
     """Why ``grouped_mm`` cannot take rows of these widths in x's dtype (its strides must be 16-byte multiples)."""
     if x.dtype not in FLOAT_DTYPES or x.dim() != 2:
         return f"x must be a 2-D float16/bfloat16/float32 tensor, got {tuple(x.shape)} {x.dtype}"
+    if x.is_cuda and x.dtype != torch.bfloat16:
+        # torch documents grouped_mm on CUDA for bf16 (sm >= 80); other dtypes await a GPU session's check
+        return f"torch grouped_mm on CUDA is documented for bfloat16, got {x.dtype}"
     align = 16 // x.element_size()
     odd = [w for w in widths if w % align]
     if odd:
