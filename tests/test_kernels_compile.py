@@ -49,14 +49,14 @@ def test_every_kernel_builds_without_spills_within_its_budget(tmp_path):
 def test_kloop_metrics_reads_a_ptx_loop():
     from perft_qlora.kernels.compile_check import kloop_metrics
 
-    ptx = "\n".join([
-        "\tld.global.b8 { %rs1 }, [ %rd1 + 0 ];",
-        "$L__BB0_2:",
-        "\t.loc 1 2 3",
-        "\t@%p1 ld.global.v2.b32 { %r1, %r2 }, [ %rd2 + 0 ];",
-        "\tcp.async.cg.shared.global [ %r3 + 0 ], [ %rd3 + 0 ], 0x10, %r4;",
-        "\twgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%r5}, %rd4, %rd5, %p2, 1, 1, 0, 0;",
-        "\t@%p3 bra \t$L__BB0_2;",
-        "\tret;",
-    ])
+    ptx = """
+\tld.global.b8 { %rs1 }, [ %rd1 + 0 ];
+$L__BB0_2:
+\t.loc 1 2 3
+\t@%p1 ld.global.v2.b32 { %r1, %r2 }, [ %rd2 + 0 ];
+\tcp.async.cg.shared.global [ %r3 + 0 ], [ %rd3 + 0 ], 0x10, %r4;
+\twgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%r5}, %rd4, %rd5, %p2, 1, 1, 0, 0;
+\t@%p3 bra \t$L__BB0_2;
+\tret;
+"""
     assert kloop_metrics(ptx) == dict(k_loop_instructions=4, k_loop_loads={"8": 1, "16": 1})

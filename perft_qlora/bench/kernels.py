@@ -27,8 +27,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..kernels import backend_choices, grouped_nf4_expert_mlp, grouped_routed_adapter, ops, pick_formulation
-from ..kernels import routed_adapter_reference, sort_by_expert
+from ..kernels import (
+    backend_choices,
+    grouped_nf4_expert_mlp,
+    grouped_routed_adapter,
+    ops,
+    pick_formulation,
+    routed_adapter_reference,
+    sort_by_expert,
+)
 from ..kernels.grouped import grouped_mm
 from ..nf4 import NF4Weight
 

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from .sorting import ExpertSort, gate_matrix, sort_by_expert
 
-
 _GROUPED_MM = getattr(F, "grouped_mm", None) or torch._grouped_mm  # F.grouped_mm is the public name from torch 2.10
 
 
