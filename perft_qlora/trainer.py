@@ -25,6 +25,7 @@ import time
 from trl import SFTTrainer
 
 from .checkpoint import load_adapter, save_adapter
+from .kernels import backend_choices
 from .losses import perft_balance_loss
 from .memory import peak_memory_bytes
 from .model import balance_loss_coef
@@ -89,6 +90,10 @@ class PerftSFTTrainer(SFTTrainer):
                 logs["tokens_per_second"] = (tokens - last_tokens) / (now - last_time)
             self._last_log = (now, tokens)
             logs.update(peak_memory_gib())
+            kernels = {f"kernels/{op}": choice for op, choice in backend_choices().items()}
+            if kernels != getattr(self, "_kernels_logged", None):  # the compute backend per op, when it changes
+                logs.update(kernels)
+                self._kernels_logged = kernels
             perft = _perft_model(self.model)
             if perft is not None and perft.perft_config.variant in ("perft", "perft_e"):
                 logs.update(routing_log(perft))
