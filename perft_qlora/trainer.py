@@ -26,10 +26,10 @@ import time
 from trl import SFTTrainer
 
 from .checkpoint import load_adapter, save_adapter
+from .distributed import expert_fractions
 from .losses import perft_balance_loss
 from .memory import peak_memory_bytes
 from .model import balance_loss_coef
-from .stats import routing_stats
 
 
 def _perft_model(model):
@@ -47,10 +47,10 @@ def peak_memory_gib() -> dict[str, float]:
 
 def routing_log(model) -> dict[str, float]:
     """Per layer: ``routing/L{i}_imbalance`` = M · (largest expert share), 1.0 when perfectly balanced, and
-    ``routing/L{i}_entropy`` = entropy of the expert shares / log M (1.0 when uniform). From the latest micro-batch."""
+    ``routing/L{i}_entropy`` = entropy of the expert shares / log M (1.0 when uniform). From the latest
+    micro-batch of every rank (counts summed over ranks: every rank must call this)."""
     logs = {}
-    for layer, stats in routing_stats(model).items():
-        shares = stats["expert_fraction"]
+    for layer, shares in expert_fractions(model).items():
         if len(shares) < 2:
             continue
         entropy = -sum(p * math.log(p) for p in shares if p > 0) / math.log(len(shares))
@@ -114,10 +114,11 @@ class PerftSFTTrainer(SFTTrainer):
         perft = _perft_model(self.model)
         if perft is None:  # the peft LoRA baseline: the Trainer saves peft's adapter files itself
             return super()._save(output_dir, state_dict)
-        if not self.args.should_save:
-            return
-        metadata = {**self.run_metadata, "global_step": self.state.global_step, "epoch": self.state.epoch}
-        save_adapter(perft, output_dir or self.args.output_dir, extra_metadata={"training": metadata})
+        if self.args.should_save:
+            metadata = {**self.run_metadata, "global_step": self.state.global_step, "epoch": self.state.epoch}
+            save_adapter(perft, output_dir or self.args.output_dir, extra_metadata={"training": metadata})
+        # save_adapter replaces the directory as a whole: other ranks write their RNG state into it only after.
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         perft = _perft_model(model if model is not None else self.model)
