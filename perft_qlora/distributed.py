@@ -91,9 +91,9 @@ def check_engine(args: argparse.Namespace) -> None:
     engine = launch_engine()
     if engine == "fsdp":
         raise SystemExit(
-            "error: FSDP is not supported yet: its sharding needs the NF4 weights as float-dtype parameters and "
-            "perft_qlora stores them as uint8 buffers (NF4Weight, bitsandbytes Linear4bit); launch with "
-            "--config_file examples/accelerate/ddp.yaml (every rank holds the whole NF4 model)"
+            "error: FSDP is not supported yet: the NF4 weights are uint8 buffers (NF4Weight) and uint8 Params4bit, "
+            "which FSDP leaves replicated on every rank, and adapter checkpoints do not handle sharded (DTensor) "
+            "parameters; launch with --config_file examples/accelerate/ddp.yaml (every rank holds the whole NF4 model)"
         )
     if engine == "deepspeed":
         raise SystemExit("error: DeepSpeed is not supported; launch with --config_file examples/accelerate/ddp.yaml")

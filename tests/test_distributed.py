@@ -251,3 +251,91 @@ def test_expert_fractions_in_one_process_are_the_routing_stats(tiny_nf4, token_b
     assert fractions.keys() == {0, 1}
     for layer, stats in routing_stats(model).items():
         assert fractions[layer] == pytest.approx(stats["expert_fraction"])
+
+
+# ---- FSDP2 on CPU: what runs without accelerate (its FSDP plugin needs GPUs) ----------------------------------
+#
+# `python -m torch.distributed.run --nproc_per_node 2 tests/test_distributed.py BASE OUT` runs `fsdp_worker`:
+# `fully_shard` per decoder layer and on the root, as accelerate's FSDP2 plugin applies it, with bitsandbytes'
+# uint8 `Params4bit` left out (`ignored_params`, as accelerate does) and `NF4Weight`'s buffers replicated.
+# Adapters (float32) and the unquantized weights are sharded.
+
+
+def fsdp_reference_setup(base: str):
+    """The tiny model in float32 with a PERFT adapter (no dropout, no balance loss), and a batch of 4 rows."""
+    from perft_qlora import PerftConfig, attach_perft, load_model
+
+    model, _ = load_model(base, device="cpu", dtype=torch.float32, progress=False)
+    torch.manual_seed(0)
+    config = PerftConfig(variant="perft", num_experts=4, top_k=2, bottleneck=4, dropout=0.0, router_aux_loss_coef=0.0)
+    attach_perft(model, config, dtype=torch.float32)
+    model.activation_checkpointing_enable()
+    model.train()
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    return model, ids
+
+
+def train_two_steps(model, ids):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def fsdp_worker(base: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from perft_qlora.checkpoint import adapter_state_dict
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model, ids = fsdp_reference_setup(base)
+    packed = model.model.layers[0].mlp.base.experts.gate_up_proj.packed.clone()
+    ignored = {p for p in model.parameters() if type(p).__name__ == "Params4bit"}
+    for layer in model.model.layers:
+        fully_shard(layer, ignored_params=ignored)
+    fully_shard(model, ignored_params=ignored)
+    train_two_steps(model, ids[2 * rank : 2 * rank + 2])  # each rank: its half of the global batch
+    down = model.model.layers[0].mlp.perft_experts.down
+    report = {
+        "down_local_shape": list(down.to_local().shape),
+        "nf4_unchanged": torch.equal(model.model.layers[0].mlp.base.experts.gate_up_proj.packed, packed),
+    }
+    full = {k: v.full_tensor() for k, v in adapter_state_dict(model).items()}  # collective: every rank
+    if rank == 0:
+        torch.save({"report": report, "adapter": full}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_adapters_and_matches_one_process_on_cpu(tiny_checkpoint, tmp_path):
+    """2 gloo ranks under FSDP2 (adapters sharded, NF4 replicated, activation checkpointing) == 1 process, batch 4."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base, out = tiny_checkpoint("olmoe"), tmp_path / "fsdp.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               os.path.abspath(__file__), base, str(out)]
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    result = torch.load(out)
+    assert result["report"] == {"down_local_shape": [2, 4, 64], "nf4_unchanged": True}  # 2 of the 4 experts per rank
+    model, ids = fsdp_reference_setup(base)
+    train_two_steps(model, ids)
+    from perft_qlora.checkpoint import adapter_state_dict
+
+    assert_same_adapter(result["adapter"], adapter_state_dict(model), atol=1e-6)
+
+
+def test_fsdp_launch_is_refused_with_the_reason(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    args = parse_args(["--model", "m", "--data", "d.json"])
+    with pytest.raises(SystemExit, match="^error: FSDP is not supported yet: .*uint8 buffers"):
+        distributed.check_engine(args)
+
+
+if __name__ == "__main__":
+    fsdp_worker(*sys.argv[1:3])
