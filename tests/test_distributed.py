@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from perft_qlora import distributed
 from perft_qlora.checkpoint import WEIGHTS_NAME
+from perft_qlora.nf4 import NF4Weight
 from perft_qlora.train import run
 from perft_qlora.train_options import parse_args
 
@@ -256,9 +257,10 @@ def test_expert_fractions_in_one_process_are_the_routing_stats(tiny_nf4, token_b
 # ---- FSDP2 on CPU: what runs without accelerate (its FSDP plugin needs GPUs) ----------------------------------
 #
 # `python -m torch.distributed.run --nproc_per_node 2 tests/test_distributed.py BASE OUT` runs `fsdp_worker`:
-# `fully_shard` per decoder layer and on the root, as accelerate's FSDP2 plugin applies it, with bitsandbytes'
-# uint8 `Params4bit` left out (`ignored_params`, as accelerate does) and `NF4Weight`'s buffers replicated.
-# Adapters (float32) and the unquantized weights are sharded.
+# `fully_shard` per decoder layer and on the root, as accelerate's FSDP2 plugin applies it. Sharded: the NF4
+# experts' storage (`NF4Weight.storage_as_parameters`: uint8 frozen parameters, which FSDP2 accepts as they are,
+# no float view needed), the float32 adapters and the unquantized weights. Replicated: bitsandbytes' uint8
+# `Params4bit` of the attention linears (`ignored_params`, as accelerate does: sharding drops their quant_state).
 
 
 def fsdp_reference_setup(base: str):
@@ -292,7 +294,11 @@ def fsdp_worker(base: str, out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     model, ids = fsdp_reference_setup(base)
-    packed = model.model.layers[0].mlp.base.experts.gate_up_proj.packed.clone()
+    experts = model.model.layers[0].mlp.base.experts
+    packed = experts.gate_up_proj.packed.clone()  # (E*out*in/2, 1) uint8
+    for module in model.modules():
+        if isinstance(module, NF4Weight):
+            module.storage_as_parameters()  # FSDP2 shards parameters only
     ignored = {p for p in model.parameters() if type(p).__name__ == "Params4bit"}
     for layer in model.model.layers:
         fully_shard(layer, ignored_params=ignored)
@@ -301,7 +307,8 @@ def fsdp_worker(base: str, out: str) -> None:
     down = model.model.layers[0].mlp.perft_experts.down
     report = {
         "down_local_shape": list(down.to_local().shape),
-        "nf4_unchanged": torch.equal(model.model.layers[0].mlp.base.experts.gate_up_proj.packed, packed),
+        "packed_local_rows": experts.gate_up_proj.packed.to_local().shape[0] / packed.shape[0],
+        "nf4_unchanged": torch.equal(experts.gate_up_proj.packed.full_tensor(), packed),
     }
     full = {k: v.full_tensor() for k, v in adapter_state_dict(model).items()}  # collective: every rank
     if rank == 0:
@@ -311,7 +318,7 @@ def fsdp_worker(base: str, out: str) -> None:
 
 @pytest.mark.slow
 def test_fsdp2_shards_adapters_and_matches_one_process_on_cpu(tiny_checkpoint, tmp_path):
-    """2 gloo ranks under FSDP2 (adapters sharded, NF4 replicated, activation checkpointing) == 1 process, batch 4."""
+    """2 gloo ranks under FSDP2 (NF4 experts + adapters sharded, activation checkpointing) == 1 process, batch 4."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -322,12 +329,28 @@ def test_fsdp2_shards_adapters_and_matches_one_process_on_cpu(tiny_checkpoint, t
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     result = torch.load(out)
-    assert result["report"] == {"down_local_shape": [2, 4, 64], "nf4_unchanged": True}  # 2 of the 4 experts per rank
+    # each rank holds 2 of the 4 PEFT experts and half of the NF4 expert storage; the storage is not modified
+    assert result["report"] == {"down_local_shape": [2, 4, 64], "packed_local_rows": 0.5, "nf4_unchanged": True}
     model, ids = fsdp_reference_setup(base)
     train_two_steps(model, ids)
     from perft_qlora.checkpoint import adapter_state_dict
 
     assert_same_adapter(result["adapter"], adapter_state_dict(model), atol=1e-6)
+
+
+def test_nf4_storage_as_parameters_keeps_keys_values_and_outputs(tiny_nf4, token_batch):
+    model, _ = tiny_nf4("olmoe")
+    ids, mask = token_batch
+    with torch.no_grad():
+        before, keys = model(input_ids=ids, attention_mask=mask).logits, set(model.state_dict())
+    weights = [m for m in model.modules() if isinstance(m, NF4Weight)]
+    for weight in weights:
+        weight.storage_as_parameters()
+    assert set(model.state_dict()) == keys
+    assert all(set(dict(w.named_parameters())) == {"packed", "absmax"} for w in weights)
+    assert not any(p.requires_grad for w in weights for p in w.parameters())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before)
 
 
 def test_fsdp_launch_is_refused_with_the_reason(monkeypatch):
