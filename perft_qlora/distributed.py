@@ -3,6 +3,7 @@
 What runs where under data parallel (``accelerate launch --multi_gpu --num_processes N``, DDP):
 
 - every rank loads the whole NF4 model straight onto its own device (``cuda:LOCAL_RANK``), never GPU 0;
+  DDP does not broadcast buffers (``ddp_broadcast_buffers=False``: the NF4 expert bytes are buffers);
 - the Trainer splits each optimizer step's examples over the ranks; DDP averages the adapter gradients;
 - the token-level loss is normalised by the token count of *all* ranks (the Trainer's
   ``average_tokens_across_devices``), so it equals the single-process loss of the same global batch;

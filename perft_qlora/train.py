@@ -72,12 +72,12 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None
     """Load, attach, train and save; returns the trainer (its ``state.log_history`` holds every log line)."""
     backend = get_backend(args.backend)  # fails at once if, e.g., Unsloth has no GPU here
     args.device = prepare_ranks(args)  # under accelerate launch: this rank's own GPU, launch checks
+    set_seed(args.seed)
     with main_process_first():  # rank 0 removes old checkpoints and writes the demo base before others look
         resume = resolve_resume(args)
         if args.demo and args.model is None:
             base = os.path.join(args.output_dir, "base")
             args.model = save_tiny_model(base, "olmoe", initializer_range=DEMO_INIT_RANGE) if is_main_process() else base
-    set_seed(args.seed)
     records = read_records(args.data, required=("instruction", "output"), split=args.data_split)
     print(records.report(), file=sys.stderr)
     train_set, val_set = split_validation(to_prompt_completion(records), args.val_size)

@@ -182,4 +182,6 @@ def sft_config_from_args(args: argparse.Namespace, arch, has_validation: bool):
         use_cpu=on_cpu, bf16=not on_cpu, dataloader_pin_memory=not on_cpu,
         # Top-K routing leaves some PEFT experts without tokens in a micro-batch; DDP must tolerate that.
         ddp_find_unused_parameters=args.variant in ("perft", "perft_e"),
+        # The NF4 weights are buffers (NF4Weight): DDP would otherwise re-send them all from rank 0 before every forward.
+        ddp_broadcast_buffers=False,
     )
