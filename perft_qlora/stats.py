@@ -92,10 +92,12 @@ def routing_stats(model) -> dict[int, dict[str, list[float] | float]]:
 
 def routing_log(model) -> dict[str, float]:
     """Per layer: ``routing/L{i}_imbalance`` (:func:`imbalance`) and ``routing/L{i}_entropy``
-    (:func:`normalized_entropy`) of the PEFT-expert shares, from the latest micro-batch."""
+    (:func:`normalized_entropy`) of the PEFT-expert shares, from the latest micro-batch of every rank (counts
+    summed over ranks: under data parallel every rank must call this)."""
+    from .distributed import expert_fractions  # collective over ranks; a no-op sum in one process
+
     logs = {}
-    for layer, stats in routing_stats(model).items():
-        shares = stats["expert_fraction"]
+    for layer, shares in expert_fractions(model).items():
         if len(shares) < 2:
             continue
         logs[f"routing/L{layer}_imbalance"] = imbalance(shares)

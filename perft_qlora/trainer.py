@@ -104,10 +104,11 @@ class PerftSFTTrainer(SFTTrainer):
         perft = _perft_model(self.model)
         if perft is None:  # the peft LoRA baseline: the Trainer saves peft's adapter files itself
             return super()._save(output_dir, state_dict)
-        if not self.args.should_save:
-            return
-        metadata = {**self.run_metadata, "global_step": self.state.global_step, "epoch": self.state.epoch}
-        save_adapter(perft, output_dir or self.args.output_dir, extra_metadata={"training": metadata})
+        if self.args.should_save:
+            metadata = {**self.run_metadata, "global_step": self.state.global_step, "epoch": self.state.epoch}
+            save_adapter(perft, output_dir or self.args.output_dir, extra_metadata={"training": metadata})
+        # save_adapter replaces the directory as a whole: other ranks write their RNG state into it only after.
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         perft = _perft_model(model if model is not None else self.model)
