@@ -108,9 +108,11 @@ def _load_nf4(directory, config, arch: MoEArch, device, dtype, double_quant, pro
         for i, layer in enumerate(tqdm(layers, desc="loading NF4 layers", disable=not progress)):
             prefix = f"model.layers.{i}."
             moe = getattr(layer, arch.moe_block)
-            experts = getattr(moe, arch.experts)
-            setattr(moe, arch.experts, _load_experts(reader, prefix, arch, experts, device, dtype, double_quant))
-            _replace_linears(layer, device, dtype, double_quant)
+            if arch.is_moe_block(moe):  # some families keep dense MLP layers (Qwen's mlp_only_layers)
+                experts = getattr(moe, arch.experts)
+                loaded = _load_experts(reader, prefix, arch, experts, device, dtype, double_quant, config.hidden_act)
+                setattr(moe, arch.experts, loaded)
+            _replace_linears(layer, device, dtype, double_quant, keep=arch.keep_dense)
             _load_tensors(layer, prefix, reader, device, dtype, arch)
         unused = [k for k in reader.keys() if k not in reader.used]
         if unused:
@@ -174,7 +176,7 @@ def _load_tensors(root, prefix, reader, device, dtype, arch, skip_prefix=None, o
         raise KeyError(f"checkpoint is missing {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}")
 
 
-def _load_experts(reader, prefix, arch: MoEArch, experts, device, dtype, double_quant) -> NF4Experts:
+def _load_experts(reader, prefix, arch: MoEArch, experts, device, dtype, double_quant, hidden_act: str) -> NF4Experts:
     num_experts = experts.gate_up_proj.shape[0]
     fused = f"{prefix}{arch.moe_block}.{arch.experts}."
 
@@ -194,17 +196,23 @@ def _load_experts(reader, prefix, arch: MoEArch, experts, device, dtype, double_
         down = NF4Weight.from_experts(expert_matrices("down_proj"), double_quant, BLOCKSIZE)
     except KeyError as err:
         raise KeyError(f"checkpoint has no expert weights for {prefix} ({err})") from err
-    return NF4Experts(gate_up, down, hidden_act=experts.config.hidden_act)
+    return NF4Experts(gate_up, down, hidden_act=hidden_act)
 
 
-def _replace_linears(layer: nn.Module, device, dtype, double_quant) -> None:
+def quantizes_linear(name: str, module: nn.Module, device: torch.device, keep: tuple[str, ...] = ()) -> bool:
+    """Whether the loader turns this decoder-layer module into an NF4 ``Linear4bit`` (``plan`` uses the same rule)."""
+    if type(module) is not nn.Linear or name.rpartition(".")[2] in keep:
+        return False
+    # bitsandbytes' CPU kernels mis-index rows that are not whole blocks: such a linear stays unquantized on CPU.
+    return not (device.type == "cpu" and module.in_features % BLOCKSIZE)
+
+
+def _replace_linears(layer: nn.Module, device, dtype, double_quant, keep: tuple[str, ...] = ()) -> None:
     """Swap the layer's ``nn.Linear`` modules for meta ``Linear4bit`` ones, filled by ``_load_tensors``."""
     for name, module in list(layer.named_modules()):
-        if type(module) is not nn.Linear:
-            continue
-        if device.type == "cpu" and module.in_features % BLOCKSIZE:
-            # bitsandbytes' CPU kernels mis-index rows that are not whole blocks; keep this one unquantized.
-            logger.warning("keeping %s in %s: in_features=%d is not a multiple of %d on CPU", name, dtype, module.in_features, BLOCKSIZE)
+        if not quantizes_linear(name, module, device, keep):
+            if type(module) is nn.Linear and module.in_features % BLOCKSIZE and device.type == "cpu":
+                logger.warning("keeping %s in %s: in_features=%d is not a multiple of %d on CPU", name, dtype, module.in_features, BLOCKSIZE)
             continue
         parent_name, _, attr = name.rpartition(".")
         quantized = bnb.nn.Linear4bit(

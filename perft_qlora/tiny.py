@@ -1,4 +1,4 @@
-"""Tiny OLMoE / Mixtral models and a byte-level tokenizer, built locally (no download).
+"""Tiny OLMoE / Mixtral / Qwen3-MoE / Qwen2-MoE models and a byte-level tokenizer, built locally (no download).
 
 Used by the tests and the ``--demo`` runs. Sizes are multiples of 64 so that every weight is a whole
 number of NF4 blocks per row, as in the real models.
@@ -10,7 +10,9 @@ import os
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM, MixtralConfig, OlmoeConfig, PreTrainedTokenizerFast, Qwen2MoeConfig, Qwen3MoeConfig,
+)
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
 WORD_TOKENS = ("true", "false")
@@ -33,6 +35,18 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+QWEN_TINY = {
+    # Qwen3-30B-A3B's choices: softmax top-K renormalised (norm_topk_prob), experts narrower than the dense MLP.
+    "qwen3_moe": (Qwen3MoeConfig, dict(num_experts=8, moe_intermediate_size=64, norm_topk_prob=True)),
+    # Qwen1.5-MoE-A2.7B's: top-K weights not renormalised, a shared expert 4x an expert's width behind a sigmoid gate.
+    "qwen2_moe": (
+        Qwen2MoeConfig,
+        dict(num_experts=8, moe_intermediate_size=64, shared_expert_intermediate_size=256, norm_topk_prob=False),
+    ),
+}
+"""Family class and its MoE knobs for the Qwen tiny configs (``intermediate_size`` is the dense MLP's width)."""
+
+
 def tiny_config(arch: str = "olmoe", **overrides):
     """A small config of the given family with the real structure (fused experts, top-K router)."""
     vocab = 256 + len(SPECIAL_TOKENS) + len(WORD_TOKENS)
@@ -45,8 +59,11 @@ def tiny_config(arch: str = "olmoe", **overrides):
         config = OlmoeConfig(**{**common, "num_experts": 8, **overrides})
     elif arch == "mixtral":
         config = MixtralConfig(**{**common, "num_local_experts": 4, **overrides})
+    elif arch in QWEN_TINY:
+        family_class, family = QWEN_TINY[arch]
+        config = family_class(**{**common, "intermediate_size": 128, "head_dim": 16, **family, **overrides})
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; use 'olmoe' or 'mixtral'")
+        raise ValueError(f"unknown tiny architecture {arch!r}; use one of olmoe, mixtral, {', '.join(QWEN_TINY)}")
     return config
 
 
