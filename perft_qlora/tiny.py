@@ -74,7 +74,8 @@ def save_tiny_model(directory: str, arch: str = "olmoe", seed: int = 0, dtype=to
     # Router weights start at zero in OLMoE's init; give them values so routing is not a tie everywhere.
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.mlp.gate.weight.normal_(0.0, 0.5)
+            if hasattr(layer.mlp, "gate"):  # dense MLP layers (mlp_only_layers) have no router
+                layer.mlp.gate.weight.normal_(0.0, 0.5)
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)
     build_byte_tokenizer().save_pretrained(directory)
