@@ -162,7 +162,7 @@ def _load_tensors(root, prefix, reader, device, dtype, arch, skip_prefix=None, o
             if name not in optional:
                 missing.append(name)
             continue
-        value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        value = value.to(device=device, dtype=stored_dtype(module, getattr(module, attr), value, dtype))
         if isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
             module.weight = bnb.nn.Params4bit(
                 value, requires_grad=False, blocksize=BLOCKSIZE, compress_statistics=module.weight.compress_statistics,
@@ -174,6 +174,17 @@ def _load_tensors(root, prefix, reader, device, dtype, arch, skip_prefix=None, o
             module._buffers[attr] = value
     if missing:
         raise KeyError(f"checkpoint is missing {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}")
+
+
+def stored_dtype(module: nn.Module, meta: torch.Tensor, value: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a checkpoint tensor is loaded in: integers as stored; NF4 linears' weights (quantized from it)
+    and biases in ``dtype``; other floating tensors in the dtype the model was built with, which is ``dtype``
+    except where the model class keeps float32 on purpose (DeepSeek-V3's router and its score bias)."""
+    if not value.is_floating_point():
+        return value.dtype
+    if isinstance(module, bnb.nn.Linear4bit) or not meta.is_floating_point():
+        return dtype
+    return meta.dtype
 
 
 def _load_experts(reader, prefix, arch: MoEArch, experts, device, dtype, double_quant, hidden_act: str) -> NF4Experts:
@@ -223,8 +234,9 @@ def _replace_linears(layer: nn.Module, device, dtype, double_quant, keep: tuple[
 
 
 def _tie_output_embeddings(model) -> None:
+    # Tied even when the checkpoint also holds an lm_head tensor (as transformers does): one copy in memory.
     output = model.get_output_embeddings()
-    if getattr(model.config, "tie_word_embeddings", False) and output is not None and output.weight.is_meta:
+    if getattr(model.config, "tie_word_embeddings", False) and output is not None:
         output.weight = model.get_input_embeddings().weight
 
 
