@@ -1,9 +1,9 @@
 """Per-architecture facts: where the MoE block lives, how its router gates, how checkpoints name experts.
 
-One entry per model family. A family fits when, as in transformers 5's OLMoE, Mixtral, Qwen2-MoE and
-Qwen3-MoE, its sparse MoE block holds a top-K router returning ``(logits, weights, indices)`` and fused
+One entry per model family. A family fits when, as in transformers 5's OLMoE, Mixtral, Qwen2-MoE,
+Qwen3-MoE and DeepSeek-V3, its sparse MoE block holds a top-K router returning ``(logits, weights, indices)`` and fused
 gated-MLP experts called as ``experts(tokens, indices, weights)``; anything else the block does (Qwen2-MoE's
-gated shared expert) runs untouched, because PERFT calls the whole base block. Then adding the family is
+gated shared expert, DeepSeek's shared experts) runs untouched, because PERFT calls the whole base block. Then adding the family is
 one more ``MoEArch`` in ``ARCHITECTURES`` (and a tiny config in ``tiny.py`` for its tests).
 """
 
@@ -116,6 +116,20 @@ ARCHITECTURES: dict[str, MoEArch] = {
         expert_checkpoint_keys=_GATED_MLP_KEYS,
         shared_expert="shared_expert",
         keep_dense=("shared_expert_gate",),
+    ),
+    # DeepSeek-V3 layout (Moonlight-16B-A3B; DeepSeek-V3/R1 themselves ship FP8 weights, refused by the loader):
+    # sigmoid scores + e_score_correction_bias for the choice, group-limited top-K (n_group / topk_group),
+    # renormalised, times routed_scaling_factor, all inside the float32 router; always-on shared experts; the
+    # first first_k_dense_replace layers are dense MLPs (NF4 linears, no PERFT block).
+    "deepseek_v3": MoEArch(
+        model_type="deepseek_v3",
+        moe_block="mlp",
+        router="gate",
+        experts="experts",
+        num_experts_attr="n_routed_experts",
+        expert_checkpoint_keys=_GATED_MLP_KEYS,
+        shared_expert="shared_experts",
+        gating="sigmoid",
     ),
 }
 

@@ -58,6 +58,7 @@ def load_model(
     directory = _resolve_checkpoint(name_or_path, revision)
     config = AutoConfig.from_pretrained(directory)
     arch = get_arch(config)  # fail on unsupported families before touching weights
+    _refuse_prequantized(config, name_or_path)
     tokenizer = _load_tokenizer(directory)
     if quantize == "none":
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map={"": device})
@@ -84,6 +85,17 @@ def _resolve_checkpoint(name_or_path: str, revision: str | None) -> str:
             f"{name_or_path!r} is not a local directory and could not be fetched from the Hugging Face Hub ({err}). "
             "Pass a directory written by save_pretrained, or check the model id and your network."
         ) from err
+
+
+def _refuse_prequantized(config, name_or_path: str) -> None:
+    """Hub checkpoints stored in FP8 / MXFP4 / ... (DeepSeek-V3 itself, gpt-oss) are not bf16 weights to quantize."""
+    method = (getattr(config, "quantization_config", None) or {})
+    method = method.get("quant_method") if isinstance(method, dict) else getattr(method, "quant_method", None)
+    if method is not None:
+        raise ValueError(
+            f"{name_or_path} holds {method}-quantized weights; perft_qlora quantizes bf16/fp32 safetensors to NF4. "
+            "Use a bf16 release of the model (e.g. moonshotai/Moonlight-16B-A3B for the DeepSeek-V3 layout)."
+        )
 
 
 def _load_tokenizer(directory: str):

@@ -214,18 +214,19 @@ def format_plan(plan: MemoryPlan, perft_config: PerftConfig, batch: int, seq: in
     dense = ", ".join(f"{dtype} {_gib(n)}" for dtype, n in sorted(f.dense.items()))
     status = "loadable" if plan.loadable else "not loadable by this version (accounted only)"
     fits = ", ".join(f"{size} GB: {'yes' if ok else 'no'}" for size, ok in plan.fits().items())
-    return "\n".join([
-        f"{plan.name} ({plan.model_type}; {status}): {plan.parameters / 1e9:.2f} B parameters, {plan.layers} layers "
-        f"({plan.moe_layers} MoE), {plan.facts.num_experts} experts, top-{plan.facts.top_k} {plan.facts.gating}",
-        f"  weights      {_gib(f.total)}: NF4 {_gib(sum(f.nf4.values()))} + scales {_gib(sum(f.scales.values()))}, "
-        f"dense {dense}  (all bf16: {_gib(plan.bf16_weights)})",
-        f"  adapters     {perft_config.variant}: {a.params:,} parameters ({a.params_per_token:,} per token); weights "
-        f"{_gib(a.weights)} + grads {_gib(a.grads)} + AdamW state {_gib(a.optimizer)}",
-        f"  activations  {_gib(plan.activations)} for batch {batch} x {seq} tokens, checkpointing on "
-        "(estimate; not yet checked against a measured bench train peak)",
+    lines = [
+        (f"{plan.name} ({plan.model_type}; {status}): {plan.parameters / 1e9:.2f} B parameters, {plan.layers} layers "
+         f"({plan.moe_layers} MoE), {plan.facts.num_experts} experts, top-{plan.facts.top_k} {plan.facts.gating}"),
+        (f"  weights      {_gib(f.total)}: NF4 {_gib(sum(f.nf4.values()))} + scales {_gib(sum(f.scales.values()))}, "
+         f"dense {dense}  (all bf16: {_gib(plan.bf16_weights)})"),
+        (f"  adapters     {perft_config.variant}: {a.params:,} parameters ({a.params_per_token:,} per token); weights "
+         f"{_gib(a.weights)} + grads {_gib(a.grads)} + AdamW state {_gib(a.optimizer)}"),
+        (f"  activations  {_gib(plan.activations)} for batch {batch} x {seq} tokens, checkpointing on "
+         "(estimate; not yet checked against a measured bench train peak)"),
         f"  allowance    {_gib(RUNTIME_ALLOWANCE)} CUDA context and allocator slack (assumed)",
         f"  total        {_gib(plan.total)}  ->  fits {fits}",
-    ])
+    ]
+    return "\n".join(lines)
 
 
 def format_table(plans: list[MemoryPlan]) -> str:

@@ -5,23 +5,33 @@ moves only adapters, adapter round trip, PERFT-E on the base router's exact outp
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
+from alloc_tracker import AllocationTracker
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from alloc_tracker import AllocationTracker
-from perft_qlora import PerftConfig, attach_perft, iter_perft_blocks, load_adapter, load_model, memory_report, save_adapter
+from perft_qlora import (
+    PerftConfig,
+    attach_perft,
+    iter_perft_blocks,
+    load_adapter,
+    load_model,
+    memory_report,
+    save_adapter,
+)
 from perft_qlora.arch import ARCHITECTURES
 from perft_qlora.model import parameter_report
 from perft_qlora.nf4_experts import NF4Experts
+from perft_qlora.routing import GATING
 from perft_qlora.tiny import save_tiny_model
 
-FAMILIES = ("qwen3_moe", "qwen2_moe")
+FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v3")
 VARIANTS = {
     "perft": dict(variant="perft", num_experts=4, top_k=2),
     "perft_e": dict(variant="perft_e"),
@@ -46,10 +56,15 @@ def _dense_linears(model) -> list[str]:
     return [n for n, m in model.model.layers.named_modules() if type(m) is nn.Linear]
 
 
+def _moe_layers(model) -> list[int]:
+    return ARCHITECTURES[model.config.model_type].moe_layers(model)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_routed_and_shared_experts_load_as_nf4(tmp_path, family):
+    extra = {"first_k_dense_replace": 0} if family == "deepseek_v3" else {}
     directory = save_tiny_model(
-        str(tmp_path), family, hidden_size=256, moe_intermediate_size=256, num_hidden_layers=1,
+        str(tmp_path), family, hidden_size=256, moe_intermediate_size=256, num_hidden_layers=1, **extra
     )
     model, _ = load_model(directory, device="cpu", progress=False)
     report = memory_report(model)
@@ -63,7 +78,8 @@ def test_routed_and_shared_experts_load_as_nf4(tmp_path, family):
             assert isinstance(getattr(getattr(block, arch.shared_expert), proj), bnb.nn.Linear4bit)
     # Only the family's keep-dense linears (Qwen2-MoE's 1-output shared-expert gate) stay in bf16.
     assert sorted(_dense_linears(model)) == sorted(f"0.mlp.{name}" for name in arch.keep_dense)
-    assert block.gate.weight.dtype == torch.bfloat16
+    # Routers stay exact: bf16, or float32 where the family keeps it so (DeepSeek's router and score bias).
+    assert block.gate.weight.dtype == (torch.float32 if family == "deepseek_v3" else torch.bfloat16)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -72,14 +88,16 @@ def test_nf4_experts_are_bitsandbytes_bytes_of_the_fused_tensor(tiny_checkpoint,
     directory = tiny_checkpoint(family)
     model, _ = load_model(directory, device="cpu", progress=False)
     ref = _reference(directory)
-    for layer, ref_layer in zip(model.model.layers, ref.model.layers):
+    for i in _moe_layers(model):
+        layer, ref_layer = model.model.layers[i], ref.model.layers[i]
         for name in ("gate_up_proj", "down_proj"):
             dense = getattr(ref_layer.mlp.experts, name).data
             packed, _ = bnbF.quantize_4bit(dense, blocksize=64, compress_statistics=True, quant_type="nf4")
             assert torch.equal(getattr(layer.mlp.experts, name).packed, packed)
     h = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    first = _moe_layers(model)[0]
     with torch.no_grad():
-        ours, theirs = model.model.layers[0].mlp(h).float(), ref.model.layers[0].mlp(h).float()
+        ours, theirs = model.model.layers[first].mlp(h).float(), ref.model.layers[first].mlp(h).float()
     rel = ((ours - theirs).norm() / theirs.norm()).item()
     assert 0.0 < rel < 0.2  # NF4 weight error; same routing (bf16 routers)
 
@@ -95,7 +113,10 @@ def test_sharded_and_fused_checkpoints_load_to_the_same_model(tmp_path, tiny_che
     fused.mkdir()
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(fused / "model.safetensors"))
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        (fused / name).write_text(open(os.path.join(directory, name)).read())
+        text = Path(directory, name).read_text()
+        (fused / name).write_text(text)
+        if name != "config.json":
+            Path(sharded, name).write_text(text)
     ids, mask = token_batch
     logits = []
     for d in (directory, sharded, str(fused)):
@@ -165,19 +186,21 @@ def test_perft_e_uses_the_family_routers_own_indices_and_weights(tiny_nf4, famil
     for i, block in iter_perft_blocks(model):
         _, weights, indices = outputs[i]  # what the family's router returned
         assert torch.equal(block.last_routing.indices, indices) and torch.equal(block.last_routing.weights, weights)
-        sums = weights.float().sum(-1)
+        sums = weights.float().sum(-1) / getattr(model.config, "routed_scaling_factor", 1.0)
         renormalized = torch.allclose(sums, torch.ones_like(sums), atol=1e-2)
-        assert renormalized == bool(model.config.norm_topk_prob)  # qwen3: renormalised; qwen2 (Qwen1.5): not
+        assert renormalized == bool(model.config.norm_topk_prob)  # qwen3, deepseek: renormalised; qwen2: not
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_perft_router_gates_like_the_family(tiny_nf4, family):
     model, _ = tiny_nf4(family)
     attach_perft(model, PerftConfig(variant="perft", num_experts=6, top_k=3), dtype=torch.float32)
-    block = dict(iter_perft_blocks(model))[0]
+    block = dict(iter_perft_blocks(model))[_moe_layers(model)[0]]
     h = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
     routing = block.perft_router(h, None, None)
-    probs = torch.softmax(h @ block.perft_router.weight.T, dim=-1)
+    gating = ARCHITECTURES[family].gating
+    assert block.perft_router.gating == gating == ("sigmoid" if family == "deepseek_v3" else "softmax")
+    probs = GATING[gating](h @ block.perft_router.weight.T)
     weights, indices = torch.topk(probs, 3, dim=-1)
     if model.config.norm_topk_prob:
         weights = weights / weights.sum(-1, keepdim=True)
@@ -198,8 +221,9 @@ def test_generate_works_and_matches_the_base_at_init(tiny_nf4, family, token_bat
     assert torch.equal(base, attached)
 
 
-def test_dense_mlp_layers_load_in_nf4_and_get_no_perft_block(tmp_path):
-    directory = save_tiny_model(str(tmp_path), "qwen3_moe", num_hidden_layers=3, mlp_only_layers=[0])
+@pytest.mark.parametrize("family, dense", [("qwen3_moe", dict(mlp_only_layers=[0])), ("deepseek_v3", {})])
+def test_dense_mlp_layers_load_in_nf4_and_get_no_perft_block(tmp_path, family, dense):
+    directory = save_tiny_model(str(tmp_path), family, num_hidden_layers=3, **dense)  # deepseek: first_k_dense_replace=1
     model, _ = load_model(directory, device="cpu", progress=False)
     dense_mlp = model.model.layers[0].mlp
     assert all(isinstance(getattr(dense_mlp, p), bnb.nn.Linear4bit) for p in ("gate_proj", "up_proj", "down_proj"))
@@ -221,7 +245,15 @@ def test_loading_peak_is_final_footprint_plus_about_one_layer(tmp_path, family):
         model, _ = load_model(directory, device="cpu", progress=False)
     final = memory_report(model).total
     ref = _reference(directory)
-    one_layer_bf16 = sum(p.numel() * 2 for p in ref.model.layers[0].parameters())
+    one_layer_bf16 = max(sum(p.numel() * 2 for p in layer.parameters()) for layer in ref.model.layers)
     whole_bf16 = sum(p.numel() * 2 for p in ref.parameters())
     assert tracker.peak <= final + one_layer_bf16
     assert tracker.peak < 0.6 * whole_bf16  # a load-then-quantize loader would need the whole bf16 model
+
+
+def test_prequantized_hub_checkpoints_are_refused_before_loading(tmp_path):
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "deepseek_v3", "quantization_config": {"quant_method": "fp8", "fmt": "e4m3"}}'
+    )
+    with pytest.raises(ValueError, match="fp8-quantized weights.*bf16 release"):
+        load_model(str(tmp_path), device="cpu")
