@@ -44,6 +44,13 @@ class MoEArch:
     """Balance-loss coefficient of the authors' released recipe (OLMoE, Mixtral); other families take OLMoE's."""
     recipe_learning_rate: float = 1e-5
     """Learning rate of the authors' released recipe (OLMoE, Mixtral); other families take OLMoE's."""
+    base_balance_loss: bool = True
+    """Whether training adds the base router's Switch balance loss (DeepSeek-V3 balances with its score bias)."""
+
+    @property
+    def base_aux_loss_coef(self) -> float:
+        """Default weight of the base router's balance loss in training: the recipe's, or 0 where it does not apply."""
+        return self.recipe_aux_loss_coef if self.base_balance_loss else 0.0
 
     def num_experts(self, config: PretrainedConfig) -> int:
         return int(getattr(config, self.num_experts_attr))
@@ -130,6 +137,9 @@ ARCHITECTURES: dict[str, MoEArch] = {
         expert_checkpoint_keys=_GATED_MLP_KEYS,
         shared_expert="shared_experts",
         gating="sigmoid",
+        # No Switch loss on the frozen base router: DeepSeek balances by e_score_correction_bias, and TRL's
+        # loss reads config.num_experts, which DeepseekV3Config does not have.
+        base_balance_loss=False,
     ),
 }
 

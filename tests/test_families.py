@@ -257,3 +257,20 @@ def test_prequantized_hub_checkpoints_are_refused_before_loading(tmp_path):
     )
     with pytest.raises(ValueError, match="fp8-quantized weights.*bf16 release"):
         load_model(str(tmp_path), device="cpu")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_training_cli_trains_each_family(tmp_path, family):
+    from perft_qlora.train import run
+    from perft_qlora.train_options import parse_args
+
+    base = save_tiny_model(str(tmp_path / family), family)
+    trainer = run(parse_args([
+        "--demo", "--model", base, "--output-dir", str(tmp_path / "out"), "--max-steps", "2", "--val-size", "0",
+        "--batch-size", "2", "--max-length", "64", "--logging-steps", "1", "--save-steps", "100", "--warmup-steps", "0",
+    ]))
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert "perft_aux_loss" in logs[-1]
+    # The base router's Switch loss: on for the softmax families, off for DeepSeek (bias-balanced).
+    assert ("aux_loss" in logs[-1]) == ARCHITECTURES[family].base_balance_loss
+    assert os.path.isfile(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
