@@ -1,7 +1,7 @@
 """Per-architecture facts: where the MoE block lives, how its router gates, how checkpoints name experts.
 
 One entry per model family. A family fits when, as in transformers 5's OLMoE, Mixtral, Qwen2-MoE,
-Qwen3-MoE and DeepSeek-V3, its sparse MoE block holds a top-K router returning ``(logits, weights, indices)`` and fused
+Qwen3-MoE, DeepSeek-V3 and GLM-4.5, its sparse MoE block holds a top-K router returning ``(logits, weights, indices)`` and fused
 gated-MLP experts called as ``experts(tokens, indices, weights)``; anything else the block does (Qwen2-MoE's
 gated shared expert, DeepSeek's shared experts) runs untouched, because PERFT calls the whole base block. Then adding the family is
 one more ``MoEArch`` in ``ARCHITECTURES`` (and a tiny config in ``tiny.py`` for its tests).
@@ -139,6 +139,18 @@ ARCHITECTURES: dict[str, MoEArch] = {
         gating="sigmoid",
         # No Switch loss on the frozen base router: DeepSeek balances by e_score_correction_bias, and TRL's
         # loss reads config.num_experts, which DeepseekV3Config does not have.
+        base_balance_loss=False,
+    ),
+    # GLM-4.5 / GLM-4.5-Air: DeepSeek-V3's router, shared experts and dense first layers, with GQA attention.
+    "glm4_moe": MoEArch(
+        model_type="glm4_moe",
+        moe_block="mlp",
+        router="gate",
+        experts="experts",
+        num_experts_attr="n_routed_experts",
+        expert_checkpoint_keys=_GATED_MLP_KEYS,
+        shared_expert="shared_experts",
+        gating="sigmoid",
         base_balance_loss=False,
     ),
 }

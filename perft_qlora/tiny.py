@@ -1,4 +1,5 @@
-"""Tiny OLMoE / Mixtral / Qwen3-MoE / Qwen2-MoE / DeepSeek-V3 models and a byte-level tokenizer, built locally (no download).
+"""Tiny OLMoE / Mixtral / Qwen3-MoE / Qwen2-MoE / DeepSeek-V3 / GLM-4.5 models and a byte-level tokenizer,
+built locally (no download).
 
 Used by the tests and the ``--demo`` runs. Sizes are multiples of 64 so that every weight is a whole
 number of NF4 blocks per row, as in the real models.
@@ -13,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV3Config,
+    Glm4MoeConfig,
     MixtralConfig,
     OlmoeConfig,
     PreTrainedTokenizerFast,
@@ -58,6 +60,15 @@ FAMILY_TINY = {
             routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1, num_hidden_layers=3,
             kv_lora_rank=64, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
             num_key_value_heads=4,
+        ),
+    ),
+    # GLM-4.5's: the same router and shared experts as DeepSeek-V3, GQA attention with q/k/v biases.
+    "glm4_moe": (
+        Glm4MoeConfig,
+        dict(
+            n_routed_experts=8, moe_intermediate_size=64, n_shared_experts=1, n_group=2, topk_group=1,
+            routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1, num_hidden_layers=3,
+            attention_bias=True,
         ),
     ),
 }

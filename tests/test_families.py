@@ -29,9 +29,10 @@ from perft_qlora.arch import ARCHITECTURES
 from perft_qlora.model import parameter_report
 from perft_qlora.nf4_experts import NF4Experts
 from perft_qlora.routing import GATING
-from perft_qlora.tiny import save_tiny_model
+from perft_qlora.tiny import save_tiny_model, tiny_config
 
-FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v3")
+FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v3", "glm4_moe")
+SIGMOID = ("deepseek_v3", "glm4_moe")  # DeepSeek-V3's router: float32, sigmoid + bias, groups, scaled weights
 VARIANTS = {
     "perft": dict(variant="perft", num_experts=4, top_k=2),
     "perft_e": dict(variant="perft_e"),
@@ -62,7 +63,7 @@ def _moe_layers(model) -> list[int]:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_routed_and_shared_experts_load_as_nf4(tmp_path, family):
-    extra = {"first_k_dense_replace": 0} if family == "deepseek_v3" else {}
+    extra = {"first_k_dense_replace": 0} if hasattr(tiny_config(family), "first_k_dense_replace") else {}
     directory = save_tiny_model(
         str(tmp_path), family, hidden_size=256, moe_intermediate_size=256, num_hidden_layers=1, **extra
     )
@@ -79,7 +80,7 @@ def test_routed_and_shared_experts_load_as_nf4(tmp_path, family):
     # Only the family's keep-dense linears (Qwen2-MoE's 1-output shared-expert gate) stay in bf16.
     assert sorted(_dense_linears(model)) == sorted(f"0.mlp.{name}" for name in arch.keep_dense)
     # Routers stay exact: bf16, or float32 where the family keeps it so (DeepSeek's router and score bias).
-    assert block.gate.weight.dtype == (torch.float32 if family == "deepseek_v3" else torch.bfloat16)
+    assert block.gate.weight.dtype == (torch.float32 if family in SIGMOID else torch.bfloat16)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -199,7 +200,7 @@ def test_perft_router_gates_like_the_family(tiny_nf4, family):
     h = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
     routing = block.perft_router(h, None, None)
     gating = ARCHITECTURES[family].gating
-    assert block.perft_router.gating == gating == ("sigmoid" if family == "deepseek_v3" else "softmax")
+    assert block.perft_router.gating == gating == ("sigmoid" if family in SIGMOID else "softmax")
     probs = GATING[gating](h @ block.perft_router.weight.T)
     weights, indices = torch.topk(probs, 3, dim=-1)
     if model.config.norm_topk_prob:
@@ -221,7 +222,9 @@ def test_generate_works_and_matches_the_base_at_init(tiny_nf4, family, token_bat
     assert torch.equal(base, attached)
 
 
-@pytest.mark.parametrize("family, dense", [("qwen3_moe", dict(mlp_only_layers=[0])), ("deepseek_v3", {})])
+@pytest.mark.parametrize(
+    "family, dense", [("qwen3_moe", {"mlp_only_layers": [0]}), ("deepseek_v3", {}), ("glm4_moe", {})]
+)
 def test_dense_mlp_layers_load_in_nf4_and_get_no_perft_block(tmp_path, family, dense):
     directory = save_tiny_model(str(tmp_path), family, num_hidden_layers=3, **dense)  # deepseek: first_k_dense_replace=1
     model, _ = load_model(directory, device="cpu", progress=False)

@@ -12,7 +12,7 @@ from perft_qlora.footprint import weight_footprint
 from perft_qlora.plan import KNOWN_MODELS, activation_bytes, main, make_plan, moe_facts, read_config
 from perft_qlora.tiny import tiny_config
 
-LOADABLE = ("olmoe", "mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3")
+LOADABLE = ("olmoe", "mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "glm4_moe")
 
 
 def _meta(config):
