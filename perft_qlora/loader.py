@@ -1,12 +1,13 @@
-"""``load_model``: an OLMoE / Mixtral checkpoint with every big weight in NF4, the experts included.
+"""``load_model``: a supported MoE checkpoint (``arch.py``) with every big weight in NF4, the experts included.
 
-How it loads: the model is built on the ``meta`` device (no memory), its attention/projection
-``nn.Linear`` modules become bitsandbytes ``Linear4bit`` (NF4) and its fused experts become
+How it loads: the model is built on the ``meta`` device (no memory), its decoder layers' ``nn.Linear``
+modules (attention, shared experts, dense MLP layers) become bitsandbytes ``Linear4bit`` (NF4), except a
+family's ``keep_dense`` ones, and its fused routed experts become
 :class:`~perft_qlora.nf4_experts.NF4Experts`. Then the checkpoint is streamed one decoder layer at a
 time: each tensor is read from the safetensors files, moved to the device, quantized there if it is big,
 and its bf16 copy dropped. Peak memory while loading is the final NF4 footprint plus one expert matrix (or
 one layer's small tensors) in bf16. Embeddings, norms, routers and ``lm_head`` stay in the compute dtype
-(the router must be exact for PERFT-E).
+(the router must be exact for PERFT-E), or in float32 where the model class keeps it (DeepSeek's router).
 """
 
 from __future__ import annotations
