@@ -165,7 +165,7 @@ def sft_config_from_args(args: argparse.Namespace, arch, has_validation: bool):
 
     on_cpu = not str(args.device).startswith("cuda")
     learning_rate = args.learning_rate if args.learning_rate is not None else arch.recipe_learning_rate
-    base_coef = args.base_aux_loss_coef if args.base_aux_loss_coef is not None else arch.recipe_aux_loss_coef
+    base_coef = args.base_aux_loss_coef if args.base_aux_loss_coef is not None else arch.base_aux_loss_coef
     return SFTConfig(
         output_dir=args.output_dir, num_train_epochs=args.epochs, max_steps=args.max_steps, learning_rate=learning_rate,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
