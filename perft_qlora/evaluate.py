@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass
 
 from transformers import AutoConfig
@@ -22,6 +23,7 @@ from transformers import AutoConfig
 from . import AdapterError, __version__, load_model, read_adapter_config
 from .adapters import adapter_kind, attach_saved_adapter, detach_adapter
 from .predictions import PredictionsError, PredictionStore
+from .prompts import DEFAULT_TEMPLATE, TEMPLATES
 from .protocol import PROTOCOLS, Protocol
 from .summary import Summary, previous_summary, resume_conflicts
 from .task_runner import run_task
@@ -35,6 +37,8 @@ class Plan:
     """Everything checked before the model is loaded."""
 
     protocol: Protocol
+    templates: dict[str, str]
+    """Prompt template per model label (the base model and each adapter)."""
     test_sets: list[TestSet]
     adapters: dict[str, str]
     settings: dict
@@ -69,6 +73,27 @@ def parse_adapters(values: list[str], model: str) -> dict[str, str]:
     return adapters
 
 
+def adapter_template(directory: str) -> str | None:
+    """The prompt template an adapter was trained with (``extra.training.template``), or None if unrecorded."""
+    if adapter_kind(directory) == "peft":
+        return None
+    training = (read_adapter_config(directory).get("extra") or {}).get("training") or {}
+    return training.get("template")
+
+
+def choose_templates(requested: str | None, adapters: dict[str, str]) -> dict[str, str]:
+    """Per model label: ``--template`` if given (warning where an adapter was trained with another), else the
+    adapter's own, else the default (``released``)."""
+    templates = {BASE_LABEL: requested or DEFAULT_TEMPLATE}
+    for name, directory in adapters.items():
+        trained = adapter_template(directory)
+        if requested and trained and requested != trained:
+            print(f"warning: adapter {name} was trained with the {trained!r} template; evaluating it with "
+                  f"{requested!r} as --template asks", file=sys.stderr)
+        templates[name] = requested or trained or DEFAULT_TEMPLATE
+    return templates
+
+
 def prepare(args) -> Plan:
     """Resolve tasks, read and validate every test file and adapter, and check the output directory."""
     if args.model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(args.model)):
@@ -86,15 +111,16 @@ def prepare(args) -> Plan:
         protocol = protocol.with_beams(1 if args.greedy else args.num_beams)
     if args.max_new_tokens is not None:
         protocol = protocol.with_max_new_tokens(args.max_new_tokens)
+    templates = choose_templates(args.template, adapters)
     settings = {
         "perft_qlora_version": __version__, "model": args.model, "adapters": adapters,
-        "decoding": protocol.to_dict(), "tasks": [t.task.name for t in test_sets],
+        "decoding": {**protocol.to_dict(), "template": templates}, "tasks": [t.task.name for t in test_sets],
         "test_files": {t.task.name: t.source for t in test_sets}, "limit": args.limit, "batch_size": args.batch_size,
     }
     previous = previous_summary(args.output_dir) if args.resume else None
     if previous is not None and (problems := resume_conflicts(previous, settings)):
         raise PredictionsError("cannot --resume with different settings:\n  " + "\n  ".join(problems))
-    return Plan(protocol, test_sets, adapters, settings, previous)
+    return Plan(protocol, templates, test_sets, adapters, settings, previous)
 
 
 def _key_value(item: str, flag: str) -> tuple[str, str]:
@@ -122,8 +148,9 @@ def main(argv: list[str] | None = None) -> dict:
         model, tokenizer = load_model(args.model, device=args.device)
         for label, adapter_dir in models:
             adapted = model if adapter_dir is None else attach_saved_adapter(model, adapter_dir)
+            protocol = plan.protocol.with_template(plan.templates[label])
             for test_set in plan.test_sets:
-                result = run_task(adapted, tokenizer, label, test_set, plan.protocol, store,
+                result = run_task(adapted, tokenizer, label, test_set, protocol, store,
                                   batch_size=args.batch_size, limit=args.limit)
                 summary.add(label, test_set.task.name, result)
                 summary.write(args.output_dir)
@@ -157,6 +184,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="test set for one task: a .json/.jsonl file or a datasets hub name (repeatable)")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="perft",
                         help="perft: the PERFT authors' scripts (default); llm-adapters: LLM-Adapters' own")
+    parser.add_argument("--template", choices=sorted(TEMPLATES), default=None,
+                        help="prompt template (default: each adapter's own, released for the base model); "
+                             "a warning names adapters trained with another")
     parser.add_argument("--greedy", action="store_true", help="one beam instead of the protocol's 4 (quick looks)")
     parser.add_argument("--num-beams", type=_positive, default=None, help="beam width (default: the protocol's, 4)")
     parser.add_argument("--max-new-tokens", type=_positive, default=None,

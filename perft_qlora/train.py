@@ -76,7 +76,7 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None
         args.model = save_tiny_model(os.path.join(args.output_dir, "base"), "olmoe", initializer_range=DEMO_INIT_RANGE)
     records = read_records(args.data, required=("instruction", "output"), split=args.data_split)
     print(records.report(), file=sys.stderr)
-    train_set, val_set = split_validation(to_prompt_completion(records), args.val_size)
+    train_set, val_set = split_validation(to_prompt_completion(records, args.template), args.val_size)
 
     model, tokenizer = load_model(
         args.model, quantize=args.quantize, device=args.device, double_quant=args.double_quant, revision=args.revision
@@ -90,7 +90,9 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None
     print(memory_report(model), file=sys.stderr)
     print(f"{args.variant}: {parameter_report(model)}", file=sys.stderr)
 
-    run_metadata = {"base_model": args.model, "data": args.data, "variant": args.variant, "seed": args.seed}
+    run_metadata = {
+        "base_model": args.model, "data": args.data, "variant": args.variant, "seed": args.seed, "template": args.template,
+    }
     trainer = PerftSFTTrainer(
         model, args=sft_config_from_args(args, arch, val_set is not None), train_dataset=train_set,
         eval_dataset=val_set, processing_class=tokenizer, callbacks=callbacks, run_metadata=run_metadata,

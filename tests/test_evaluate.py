@@ -95,7 +95,7 @@ def test_end_to_end_tiny_nf4(tiny_checkpoint, saved_adapter, tmp_path, capsys, m
         assert record["extracted"] == task.extract(record["response"])
         assert record["correct"] == task.is_correct(record["extracted"], record["gold"])
         prefix = "the correct answer is" if task.name == "boolq" else ""
-        assert record["prompt"].endswith("### Response:\n" + prefix)
+        assert record["prompt"].endswith("### Response:\n" + " " * 16 + prefix)  # the released template
     by_model = {label: [r["generated"] for r in records if r["model"] == label] for label in ("base", "perft")}
     assert by_model["base"] != by_model["perft"]  # the adapter was active for its rows, and only for them
     for label in ("base", "perft"):
@@ -106,6 +106,7 @@ def test_end_to_end_tiny_nf4(tiny_checkpoint, saved_adapter, tmp_path, capsys, m
             assert result["correct"] == sum(r["correct"] for r in rows)
     assert summary["results"]["base"]["boolq"]["skipped_rows"] == 2
     assert summary["decoding"]["protocol"] == "perft" and summary["decoding"]["num_beams"] == 1
+    assert summary["decoding"]["template"] == {"base": "released", "perft": "released"}  # adapter: none recorded
     assert summary["decoding"]["families"]["math"]["max_new_tokens"] == 6
     assert summary["model"] == model_dir and summary["adapters"] == {"perft": saved_adapter}
     assert json.loads((out / "summary.json").read_text()) == summary
@@ -141,7 +142,7 @@ class FakeGeneration:
         self.prompts += prompts
         texts = []
         for prompt in prompts:
-            instruction = prompt.split("### Instruction:\n")[1].split("\n\n### Response:")[0]
+            instruction = prompt.split("### Instruction:\n")[1].split("\n\n")[0].strip()  # released: indented
             task, output = self.answers[instruction]
             if task.family == "commonsense":
                 output = output.removeprefix("the correct answer is")

@@ -45,6 +45,7 @@ def test_demo_loss_falls_and_the_best_adapter_is_written(demo_run):
     with open(out / "adapter" / CONFIG_NAME) as handle:
         meta = json.load(handle)
     assert meta["perft"]["variant"] == "perft" and meta["extra"]["training"]["data"] == DEMO_PRESETS["data"]
+    assert meta["extra"]["training"]["template"] == "released"
     checkpoint = out / "checkpoint-45"
     assert {"optimizer.pt", "scheduler.pt", "trainer_state.json", WEIGHTS_NAME} <= set(os.listdir(checkpoint))
     assert not any(name.startswith("model") for name in os.listdir(checkpoint))  # no base weights in checkpoints
