@@ -124,6 +124,39 @@ def read_adapter_config(directory: str) -> dict:
     return metadata
 
 
+def verify_safetensors(path: str) -> None:
+    """Check a safetensors file without loading it: the header parses and the file is exactly as long as the
+    header says (a truncated or padded file fails here, before any model is loaded)."""
+    if not os.path.isfile(path):
+        raise AdapterError(f"{path} is missing; the adapter directory is incomplete (re-save or re-copy it)")
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little") if size >= 8 else -1
+            if not 0 < header_len <= size - 8:
+                raise ValueError("no valid header")
+            header = json.loads(handle.read(header_len))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{path} is not a valid safetensors file ({err}); re-save or re-copy the adapter") from err
+    expected = 8 + header_len + max(ends, default=0)
+    if size != expected:
+        raise AdapterError(f"{path} is {'truncated' if size < expected else 'too long'}: {size} bytes, its header "
+                           f"says {expected}; re-save or re-copy the adapter")
+
+
+def verify_adapter_files(directory: str) -> dict:
+    """Pre-load check of a PERFT adapter directory: config (format, ``perft`` section) and weights file.
+    Returns the metadata."""
+    metadata = read_adapter_config(directory)
+    try:
+        PerftConfig.from_dict(metadata["perft"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise AdapterError(f"{directory}/{CONFIG_NAME} has an invalid 'perft' section: {err}") from err
+    verify_safetensors(os.path.join(directory, WEIGHTS_NAME))
+    return metadata
+
+
 def _check_compatible(model, metadata: dict, directory: str) -> None:
     arch = get_arch(model.config)
     expected = {

@@ -13,15 +13,17 @@ arc-c obqa addsub multiarith singleeq gsm8k aqua svamp demo; groups: commonsense
 
 from __future__ import annotations
 
+from .cli import add_debug_option, error_path  # first: quiets bitsandbytes' import-time notice (see cli.py)
+
 import argparse
 import os
 import sys
 from dataclasses import dataclass
 
-from transformers import AutoConfig
-
 from . import AdapterError, __version__, load_model, read_adapter_config
 from .adapters import adapter_kind, attach_saved_adapter, detach_adapter
+from .checkpoint import WEIGHTS_NAME, verify_adapter_files, verify_safetensors
+from .preflight import is_local_path, model_config
 from .predictions import PredictionsError, PredictionStore
 from .prompts import DEFAULT_TEMPLATE, TEMPLATES
 from .protocol import PROTOCOLS, Protocol
@@ -45,8 +47,9 @@ class Plan:
     previous: dict | None
 
 
-def parse_adapters(values: list[str], model: str) -> dict[str, str]:
-    """``NAME=DIR`` or ``DIR`` (named after its folder) -> ``{name: dir}``; each dir must hold a usable adapter."""
+def parse_adapters(values: list[str], model_config=None) -> dict[str, str]:
+    """``NAME=DIR`` or ``DIR`` (named after its folder) -> ``{name: dir}``; each dir must hold a usable adapter
+    (config and a complete weights file) trained for ``model_config``'s shapes when that is given."""
     adapters: dict[str, str] = {}
     for value in values:
         name, sep, directory = value.partition("=")
@@ -57,17 +60,20 @@ def parse_adapters(values: list[str], model: str) -> dict[str, str]:
         if name in adapters or name == BASE_LABEL:
             raise AdapterError(f"adapter name {name!r} is used twice or is reserved; name them: --adapter NAME=DIR")
         if adapter_kind(directory) == "peft":  # the LoRA baseline: peft checks its fit when it loads
+            weights = os.path.join(directory, WEIGHTS_NAME)
+            if os.path.exists(weights):
+                verify_safetensors(weights)
             adapters[name] = os.path.abspath(directory)
             continue
-        metadata = read_adapter_config(directory)
-        if os.path.isdir(model):  # compare with the base model's config before loading any weights
-            config = AutoConfig.from_pretrained(model)
+        metadata = verify_adapter_files(directory)
+        if model_config is not None:  # compare with the base model's config before loading any weights
+            config = model_config
             found = (config.model_type, config.hidden_size, config.num_hidden_layers)
             trained = (metadata.get("model_type"), metadata.get("hidden_size"), metadata.get("num_layers"))
             if found != trained:
                 raise AdapterError(
                     f"adapter {directory} was trained for (model_type, hidden_size, layers) = {trained}, "
-                    f"but {model} has {found}"
+                    f"but the base model has {found}; pass the base model it was trained on"
                 )
         adapters[name] = os.path.abspath(directory)
     return adapters
@@ -96,14 +102,13 @@ def choose_templates(requested: str | None, adapters: dict[str, str]) -> dict[st
 
 def prepare(args) -> Plan:
     """Resolve tasks, read and validate every test file and adapter, and check the output directory."""
-    if args.model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(args.model)):
-        raise TaskError(f"model directory {args.model} does not exist")
+    config = model_config(args.model) if is_local_path(args.model) else None  # hub: checked when it loads
     tasks = resolve_tasks(args.tasks)
     overrides = dict(_key_value(item, "--test-file") for item in args.test_file)
     if extra := sorted(set(overrides) - {task.name for task in tasks}):
         raise TaskError(f"--test-file given for {', '.join(extra)}, which --tasks does not include")
     test_sets = [load_test_set(task, overrides.get(task.name) or task.test_source(args.data_dir)) for task in tasks]
-    adapters = parse_adapters(args.adapter, args.model)
+    adapters = parse_adapters(args.adapter, config)
     if args.no_base and not adapters:
         raise TaskError("--no-base with no --adapter leaves nothing to evaluate")
     protocol = PROTOCOLS[args.protocol]
@@ -131,14 +136,18 @@ def _key_value(item: str, flag: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the evaluation; returns the summary (also written to ``<output-dir>/summary.json``)."""
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    try:
-        plan = prepare(args)
-        store = PredictionStore(os.path.join(args.output_dir, "predictions.jsonl"), resume=args.resume)
-    except (TaskError, AdapterError, PredictionsError) as error:
-        parser.error(str(error))
+    """Run the evaluation; returns the summary (also written to ``<output-dir>/summary.json``).
+
+    Bad input ends as one ``error:`` line and exit status 1 before the model loads (``cli.error_path``)."""
+    args = make_parser().parse_args(argv)
+    stopped = f"finished rows are in {os.path.join(args.output_dir, 'predictions.jsonl')}; run the same command " \
+              "with --resume to continue"
+    with error_path(args.debug, on_interrupt=lambda: stopped):
+        return _evaluate(args, prepare(args))
+
+
+def _evaluate(args, plan: Plan) -> dict:
+    store = PredictionStore(os.path.join(args.output_dir, "predictions.jsonl"), resume=args.resume)
     for test_set in plan.test_sets:
         print(test_set.report())
     summary = Summary(plan.settings, results=dict(plan.previous["results"]) if plan.previous else {})
@@ -197,7 +206,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default="eval-results", help="where results go (default: %(default)s)")
     parser.add_argument("--resume", action="store_true",
                         help="continue a stopped run in --output-dir, skipping finished rows")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda when available)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda when available, else cpu)")
+    add_debug_option(parser)
     return parser
 
 
