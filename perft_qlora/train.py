@@ -14,8 +14,11 @@ the tiny base model is written to ``<output-dir>/base/``. ``--help`` lists every
 
 from __future__ import annotations
 
+from .cli import UsageError, add_debug_option, error_path  # first: quiets bitsandbytes' import-time notice (cli.py)
+
 import argparse
 import glob
+import json
 import os
 import shutil
 import sys
@@ -31,32 +34,77 @@ from .data import count_truncated, split_validation, to_prompt_completion
 from .loader import load_model
 from .memory import memory_report
 from .model import attach_perft, parameter_report
+from .preflight import check_output_dir, check_perft_config, model_config
 from .records import read_records
 from .tiny import save_tiny_model
 from .train_options import DEMO_INIT_RANGE, parse_args, perft_config_from_args, sft_config_from_args
 from .trainer import PerftSFTTrainer
 
+DEMO_MARKER = ".perft-qlora-demo"
+"""Written into ``--output-dir`` by ``--demo``: a later ``--demo`` may start over only where it finds it."""
+
+
+def previous_outputs(args: argparse.Namespace) -> list[str]:
+    """What an earlier run wrote into ``--output-dir`` that this run would replace: checkpoints, the adapter and,
+    for ``--demo`` (which writes its tiny base model there), ``base/``."""
+    found = sorted(glob.glob(os.path.join(args.output_dir, "checkpoint-*")))
+    replaced = ["adapter"] + (["base"] if args.demo and args.model is None else [])
+    return found + [path for name in replaced if os.path.isdir(path := os.path.join(args.output_dir, name))]
+
+
+def _names(paths: list[str]) -> str:
+    names = [os.path.basename(p) + "/" for p in paths]
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def start_over(args: argparse.Namespace, earlier: list[str]) -> None:
+    """Remove an earlier run's checkpoints and adapter, saying so; only with --overwrite or in a --demo directory."""
+    demo_dir = args.demo and os.path.isfile(os.path.join(args.output_dir, DEMO_MARKER))
+    if not (args.overwrite or demo_dir):
+        hint = " (it was not written by --demo)" if args.demo else ""
+        raise UsageError(
+            f"{args.output_dir} already holds an earlier run ({_names(earlier)}){hint}; pass --resume to continue "
+            "it, --overwrite to delete those and start over, or another --output-dir"
+        )
+    why = "--overwrite" if args.overwrite else "--demo (a previous demo run)"
+    print(f"{why}: removing {_names(earlier)} from {args.output_dir}", file=sys.stderr)
+    for directory in earlier:  # nothing else in the directory is touched
+        shutil.rmtree(directory)
+
 
 def resolve_resume(args: argparse.Namespace) -> str | None:
-    """The checkpoint to resume from, or None; refuses to silently train over an earlier run's checkpoints."""
-    existing = sorted(glob.glob(os.path.join(args.output_dir, "checkpoint-*")))
+    """The checkpoint to resume from, or None; an earlier run's outputs go only as ``start_over`` allows."""
+    check_output_dir(args.output_dir)
     if args.resume is None:
-        if existing and not args.overwrite:
-            raise SystemExit(
-                f"error: {args.output_dir} already holds checkpoints ({os.path.basename(existing[-1])}); "
-                "pass --resume to continue that run, --overwrite to start over, or another --output-dir"
-            )
-        for directory in existing:  # --overwrite: the earlier run's checkpoints go (nothing else is touched)
-            shutil.rmtree(directory)
+        earlier = previous_outputs(args)
+        if earlier:
+            start_over(args, earlier)
         return None
     if args.resume != "last":
         if not os.path.isdir(args.resume):
-            raise SystemExit(f"error: --resume {args.resume}: no such checkpoint directory")
+            raise UsageError(f"--resume {args.resume}: no such checkpoint directory")
         return args.resume
     last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     if last is None:
-        raise SystemExit(f"error: --resume: no checkpoint-* directory in {args.output_dir} to continue from")
+        raise UsageError(f"--resume: no checkpoint-* directory in {args.output_dir} to continue from; "
+                         "leave out --resume to start a new run")
     return last
+
+
+def mark_demo_dir(output_dir: str) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, DEMO_MARKER), "w") as handle:
+        json.dump({"written_by": "python -m perft_qlora.train --demo", "contents": ["base", "adapter", "checkpoint-*"]},
+                  handle)
+
+
+def interrupted_message(args: argparse.Namespace) -> str:
+    """What a Ctrl-C leaves behind and how to continue."""
+    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    if last is None:
+        return (f"no checkpoint written yet (one every {args.save_steps} steps in {args.output_dir}); "
+                "nothing to resume, run the command again to start over")
+    return f"the last checkpoint is {last}; continue with the same command plus --resume"
 
 
 def attach_adapter(model, args: argparse.Namespace):
@@ -68,15 +116,22 @@ def attach_adapter(model, args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None) -> PerftSFTTrainer:
-    """Load, attach, train and save; returns the trainer (its ``state.log_history`` holds every log line)."""
+    """Check, load, attach, train and save; returns the trainer (its ``state.log_history`` holds every log line).
+
+    Everything a user passes is checked before any model weight is read (``preflight.py``, ``records.py``)."""
     backend = get_backend(args.backend)  # fails at once if, e.g., Unsloth has no GPU here
     resume = resolve_resume(args)
+    if args.demo:
+        mark_demo_dir(args.output_dir)
     set_seed(args.seed)
     if args.demo and args.model is None:
         args.model = save_tiny_model(os.path.join(args.output_dir, "base"), "olmoe", initializer_range=DEMO_INIT_RANGE)
+    check_perft_config(args, model_config(args.model, args.revision))
     records = read_records(args.data, required=("instruction", "output"), split=args.data_split)
     print(records.report(), file=sys.stderr)
     train_set, val_set = split_validation(to_prompt_completion(records, args.template), args.val_size)
+    if resume is not None:
+        print(f"resuming from {resume}", file=sys.stderr)
 
     model, tokenizer = load_model(
         args.model, quantize=args.quantize, device=args.device, double_quant=args.double_quant, revision=args.revision
@@ -107,8 +162,10 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line: bad input ends as one ``error:`` line and exit status 1 (``cli.error_path``)."""
     args = parse_args(argv)
-    run(args)
+    with error_path(args.debug, on_interrupt=lambda: interrupted_message(args)):
+        run(args)
     if args.demo:
         base = args.model
         print(

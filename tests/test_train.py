@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 from perft_qlora import load_adapter, load_model
 from perft_qlora.backends import BackendUnavailableError, get_backend
 from perft_qlora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from perft_qlora.cli import UsageError
 from perft_qlora.train import main, run
 from perft_qlora.train_options import DEMO_PRESETS, parse_args
 from perft_qlora.trainer import PerftSFTTrainer
@@ -136,18 +137,28 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), (step, got, expected)
 
 
-def test_existing_checkpoints_need_resume_or_overwrite(tmp_path):
+def test_existing_runs_need_resume_or_overwrite_and_demo_removes_only_its_own(tmp_path, capsys):
     plain = ["--output-dir", str(tmp_path), "--max-steps", "1", "--save-steps", "1", "--val-size", "0",
              "--batch-size", "4", "--max-length", "128", "--model", "m", "--data", "d.json"]
     run(quick_args(tmp_path, "--max-steps", "1", "--save-steps", "1"))
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="pass --resume"):
+    with pytest.raises(UsageError, match="pass --resume"):
         run(parse_args(plain))  # without --demo nothing is overwritten by default
-    again = run(quick_args(tmp_path, "--max-steps", "1", "--save-steps", "1"))  # --demo starts over by itself
+    capsys.readouterr()
+    again = run(quick_args(tmp_path, "--max-steps", "1", "--save-steps", "1"))  # a previous demo's directory
     assert again.state.global_step == 1 and (tmp_path / "checkpoint-1").is_dir()
-    assert (tmp_path / "notes.txt").read_text() == "mine"  # only checkpoint-* dirs are removed
-    with pytest.raises(SystemExit, match="no checkpoint"):
+    assert "--demo (a previous demo run): removing checkpoint-1/, adapter/, base/ from" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only what the demo wrote is removed
+    with pytest.raises(UsageError, match="no checkpoint"):
         run(quick_args(tmp_path / "empty", "--resume"))
+    other = tmp_path / "other-run"  # checkpoints and an adapter that no --demo wrote
+    (other / "checkpoint-80").mkdir(parents=True)
+    (other / "adapter").mkdir()
+    with pytest.raises(UsageError, match=r"earlier run \(checkpoint-80/, adapter/\) \(it was not written by --demo\)"):
+        run(quick_args(other, "--max-steps", "1"))
+    assert (other / "checkpoint-80").is_dir() and (other / "adapter").is_dir()
+    run(quick_args(other, "--max-steps", "1", "--overwrite"))
+    assert not (other / "checkpoint-80").exists() and "--overwrite: removing checkpoint-80/, adapter/" in capsys.readouterr().err
 
 
 def test_options_precedence_cli_over_file_over_demo_presets(tmp_path):
