@@ -19,6 +19,7 @@ Usage in an entry module::
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -51,6 +52,17 @@ quiet_library_notices()
 
 def debug_requested(flag: bool = False) -> bool:
     return flag or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each default stated once: ``(default: X)`` is added unless the help text states it
+    already or there is none (None, a plain flag); descriptions keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 def add_debug_option(parser) -> None:

@@ -192,7 +192,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-file", action="append", default=[], metavar="TASK=SOURCE",
                         help="test set for one task: a .json/.jsonl file or a datasets hub name (repeatable)")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="perft",
-                        help="perft: the PERFT authors' scripts (default); llm-adapters: LLM-Adapters' own")
+                        help="perft: the PERFT authors' scripts (the last ### Response:); llm-adapters: LLM-Adapters' own (the "
+                             "first) (default: %(default)s)")
     parser.add_argument("--template", choices=sorted(TEMPLATES), default=None,
                         help="prompt template (default: each adapter's own, released for the base model); "
                              "a warning names adapters trained with another")

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .cli import add_debug_option
+from .cli import HelpFormatter, add_debug_option
 from .config import PerftConfig
 from .demo_data import demo_data_path
 
@@ -41,21 +41,11 @@ def _str_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Adds ``(default: X)`` only where the help text does not already state the default and there is one."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
-            return text
-        return super()._get_help_string(action)
-
-
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m perft_qlora.train",
         description="Fine-tune routed PEFT experts (PERFT) on an NF4 mixture-of-experts model with TRL's SFTTrainer.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         epilog="Defaults follow the PERFT authors' released recipe (OLMoE / Mixtral values where they differ).",
     )
     p.add_argument("--config", help="YAML or JSON file of options (keys as below); the command line overrides it")

@@ -175,6 +175,7 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(train_argv, tmp_path, monk
     assert exit_info.value.code == 130 and "interrupted: finished rows are in" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch / transformers: ~45 s on a loaded 2-core machine
 def test_bitsandbytes_notice_is_filtered_by_entry_points_only():
     env = {**os.environ, "PYTHONPATH": ROOT}
     shown = subprocess.run([sys.executable, "-m", "perft_qlora.train", "--help"], capture_output=True, text=True,
@@ -185,3 +186,65 @@ def test_bitsandbytes_notice_is_filtered_by_entry_points_only():
     library = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120,
                              check=True)
     assert library.stdout.strip() == "0"  # importing the library leaves bitsandbytes' logging alone
+
+
+def _parsers():
+    from perft_qlora.bench import kernels as bench_kernels
+    from perft_qlora.bench import train as bench_train
+    from perft_qlora.train_options import make_parser
+
+    return {"train": make_parser(), "evaluate": evaluate.make_parser(), "bench train": bench_train.make_parser(),
+            "bench kernels": bench_kernels.make_parser()}
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "bench train", "bench kernels"])
+def test_every_option_has_help_and_states_its_default_once(command):
+    parser = _parsers()[command]
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.dest in ("help", "only"):  # bench train --only is internal (suppressed)
+            continue
+        text = formatter._expand_help(action) if action.help else ""
+        assert text.strip(), f"{command} {action.option_strings} has no help"
+        assert text.count("default:") <= 1, f"{command} {action.option_strings}: {text!r}"
+        if not (action.default is None or action.default is False or action.default == []):
+            assert "default:" in text, f"{command} {action.option_strings} does not state its default: {text!r}"
+    device = next(a for a in parser._actions if a.dest == "device") if command != "bench kernels" else None
+    if device is not None:  # one wording everywhere
+        assert "(default: cuda when available, else cpu)" in formatter._expand_help(device)
+
+
+def test_bench_kernels_smoke_sets_the_interpreter_itself(monkeypatch):
+    import torch
+
+    from perft_qlora.bench.__main__ import _interpret_triton_on_cpu
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _interpret_triton_on_cpu("kernels", ["--models", "olmoe"])
+    assert "TRITON_INTERPRET" not in os.environ  # only --smoke, which is the one that runs on a CPU
+    _interpret_triton_on_cpu("kernels", ["--smoke"])
+    assert os.environ["TRITON_INTERPRET"] == "1"
+
+
+@pytest.mark.slow  # Triton's interpreter on tiny shapes: ~25 s on a loaded 2-core machine
+def test_bench_kernels_smoke_runs_on_cpu_without_setup():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU path")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": ROOT}
+    done = subprocess.run([sys.executable, "-m", "perft_qlora.bench", "kernels", "--smoke", "--parts", "adapter"],
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "kernels-community" not in done.stderr and "Triton interpreter" in done.stdout
+
+
+def test_bench_errors_are_one_line(capsys):
+    from perft_qlora.bench.__main__ import main as bench_main
+
+    assert bench_main(["nope"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: unknown command 'nope'; choose from kernels, train"]
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main(["train", "--steps", "0"])
+    assert exit_info.value.code != 0 and "error: --steps must be >= 1" in str(exit_info.value.code) + capsys.readouterr().err
