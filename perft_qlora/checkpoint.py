@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .arch import decoder_layers, get_arch
 from .config import PerftConfig
+from .model_card import CARD_NAME
 from .model import attach_perft, detach_perft, iter_perft_blocks
 
 CONFIG_NAME = "adapter_config.json"
@@ -55,16 +56,17 @@ def _adapter_metadata(model) -> dict:
     }
 
 
-def save_adapter(model, directory: str, extra_metadata: dict | None = None) -> str:
+def save_adapter(model, directory: str, extra_metadata: dict | None = None, model_card: str | None = None) -> str:
     """Write the attached adapter to ``directory`` atomically; returns the directory.
 
-    An existing ``directory`` is replaced as a whole, so it may hold only a previous adapter's two files.
+    ``model_card`` (markdown) is written as ``README.md`` beside it. An existing ``directory`` is replaced as a
+    whole, so it may hold only a previous adapter's files (the two files and its README.md).
     """
     if getattr(model, "perft_config", None) is None:
         raise AdapterError("no PERFT adapter is attached to this model; call attach_perft first")
     directory = os.path.abspath(directory)
     if os.path.isdir(directory):
-        others = sorted(set(os.listdir(directory)) - {CONFIG_NAME, WEIGHTS_NAME})
+        others = sorted(set(os.listdir(directory)) - {CONFIG_NAME, WEIGHTS_NAME, CARD_NAME})
         if others:
             raise AdapterError(
                 f"refusing to replace {directory}: it holds files other than an adapter ({', '.join(others[:3])}); "
@@ -81,6 +83,9 @@ def save_adapter(model, directory: str, extra_metadata: dict | None = None) -> s
         save_file(state, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(staging, CONFIG_NAME), "w") as f:
             json.dump(metadata, f, indent=2)
+        if model_card is not None:
+            with open(os.path.join(staging, CARD_NAME), "w", encoding="utf-8") as f:
+                f.write(model_card)
         if os.path.exists(directory):
             retired = tempfile.mkdtemp(prefix=".adapter-old-", dir=parent)
             old = os.path.join(retired, "old")

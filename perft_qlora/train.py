@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     """The command line: bad input ends as one ``error:`` line and exit status 1 (``cli.error_path``)."""
     args = parse_args(argv)
     with error_path(args.debug, on_interrupt=lambda: interrupted_message(args)):
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()  # SFTTrainer's five per-split preprocessing bars; the training bar stays
         run(args)
     if args.demo:
         base = args.model
