@@ -25,11 +25,12 @@ VARIANT_CHOICES = ("perft", "perft_e", "perft_d", "perft_s", "lora")
 # lm_head give logits too small for any adapter to make a confident prediction.
 DEMO_INIT_RANGE = 0.08
 
-# What `--demo` changes: a tiny model trains from scratch fast only with a large learning rate.
+# What `--demo` changes: a tiny model trains from scratch fast only with a large learning rate. max_length:
+# with the byte-level tokenizer, the released template's indents make a demo row about 460 tokens.
 DEMO_PRESETS = dict(
     data=demo_data_path("train"), output_dir="perft-demo", variant="perft", num_experts=4, top_k=2, bottleneck=8,
     adapter_dropout=0.0, val_size=16, epochs=3.0, batch_size=16, learning_rate=1e-2, warmup_steps=5,
-    logging_steps=5, eval_steps=15, save_steps=15, max_length=384,
+    logging_steps=5, eval_steps=15, save_steps=15, max_length=512,
 )
 
 
