@@ -248,3 +248,18 @@ def test_bench_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_main(["train", "--steps", "0"])
     assert exit_info.value.code != 0 and "error: --steps must be >= 1" in str(exit_info.value.code) + capsys.readouterr().err
+
+
+def test_evaluate_uses_the_adapters_template_and_warns_on_override(adapter_dir, tmp_path, capsys):
+    trained = tmp_path / "alpaca-adapter"
+    shutil.copytree(adapter_dir, trained)
+    meta = json.loads((trained / CONFIG_NAME).read_text())
+    (trained / CONFIG_NAME).write_text(json.dumps({**meta, "extra": {"training": {"template": "alpaca"}}}))
+    adapters = {"plain": adapter_dir, "clean": str(trained)}
+    assert evaluate.choose_templates(None, adapters) == {"base": "released", "plain": "released", "clean": "alpaca"}
+    assert capsys.readouterr().err == ""
+    assert evaluate.choose_templates("released", adapters) == {"base": "released", "plain": "released",
+                                                               "clean": "released"}
+    assert capsys.readouterr().err.strip().splitlines() == [(
+        "warning: adapter clean was trained with the 'alpaca' template; evaluating it with 'released' as "
+        "--template asks")]
