@@ -18,7 +18,11 @@ _EXPORTS = {
     "routing_stats": "stats",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ARCHITECTURES", "AdapterError", "PerftConfig", "UnsupportedArchitectureError", "attach_perft",
+    "detach_perft", "iter_perft_blocks", "load_adapter", "load_model", "memory_report", "parameter_report",
+    "perft_balance_loss", "read_adapter_config", "routing_stats", "save_adapter",
+]
 
 
 def __getattr__(name: str):

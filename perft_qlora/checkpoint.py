@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .arch import decoder_layers, get_arch
 from .config import PerftConfig
-from .model_card import CARD_NAME
 from .model import attach_perft, detach_perft, iter_perft_blocks
+from .model_card import CARD_NAME
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -23,8 +23,8 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 DEBUG_ENV = "PERFT_QLORA_DEBUG"
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from .cli import add_debug_option, error_path  # first: quiets bitsandbytes' import-time notice (see cli.py)
 
+# isort: split
 import argparse
 import os
 import sys
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 from . import AdapterError, __version__, load_model, read_adapter_config
 from .adapters import adapter_kind, attach_saved_adapter, detach_adapter
 from .checkpoint import WEIGHTS_NAME, verify_adapter_files, verify_safetensors
-from .preflight import is_local_path, model_config
 from .predictions import PredictionsError, PredictionStore
+from .preflight import is_local_path, model_config
 from .prompts import DEFAULT_TEMPLATE, TEMPLATES
 from .protocol import PROTOCOLS, Protocol
 from .summary import Summary, previous_summary, resume_conflicts

@@ -26,8 +26,8 @@ def render_model_card(metadata: dict, perft: dict | None, report=None, adapter_d
     lines = [
         f"# {variant} adapter for {base}",
         "",
-        f"Routed PEFT experts (PERFT, arXiv 2508.02587) trained with perft_qlora on an NF4 base model. Only the "
-        f"adapter is stored here (`adapter_config.json` + `adapter_model.safetensors`), not the base weights.",
+        ("Routed PEFT experts (PERFT, arXiv 2508.02587) trained with perft_qlora on an NF4 base model. Only the "
+         "adapter is stored here (`adapter_config.json` + `adapter_model.safetensors`), not the base weights."),
         "",
         "| | |",
         "|---|---|",
@@ -39,8 +39,8 @@ def render_model_card(metadata: dict, perft: dict | None, report=None, adapter_d
         lines.append(f"| knobs | {knobs} |")
     if report is not None:
         lines += [f"| trainable parameters | {report.trainable:,} |",
-                  f"| activated per token | {report.trainable_per_token:,} ({report.activated_ratio:.4%} of the "
-                  f"backbone's {report.backbone_per_token:,}) |"]
+                  (f"| activated per token | {report.trainable_per_token:,} ({report.activated_ratio:.4%} of the "
+                   f"backbone's {report.backbone_per_token:,}) |")]
     lines += [
         f"| data | {_fmt(metadata.get('data'))} |",
         f"| prompt template | {_fmt(metadata.get('template'))} |",
@@ -57,8 +57,8 @@ def render_model_card(metadata: dict, perft: dict | None, report=None, adapter_d
         f'load_adapter(model, "{adapter_dir}")',
         "```",
         "",
-        f"Evaluate: `python -m perft_qlora.evaluate --model {base} --adapter {adapter_dir} --tasks commonsense` "
-        f"(prompts use the adapter's `{metadata.get('template') or 'released'}` template).",
+        (f"Evaluate: `python -m perft_qlora.evaluate --model {base} --adapter {adapter_dir} --tasks commonsense` "
+         f"(prompts use the adapter's `{metadata.get('template') or 'released'}` template)."),
         "",
     ]
     return "\n".join(lines)

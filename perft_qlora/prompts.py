@@ -19,8 +19,8 @@ the app default to it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 RESPONSE_MARKER = "### Response:"
 

@@ -14,8 +14,9 @@ the tiny base model is written to ``<output-dir>/base/``. ``--help`` lists every
 
 from __future__ import annotations
 
-from .cli import UsageError, add_debug_option, error_path  # first: quiets bitsandbytes' import-time notice (cli.py)
+from .cli import UsageError, error_path  # first: quiets bitsandbytes' import-time notice (cli.py)
 
+# isort: split
 import argparse
 import glob
 import json

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from perft_qlora.data import to_prompt_completion
-from perft_qlora.protocol import COMMONSENSE_PREFIX, PROTOCOLS
 from perft_qlora.prompts import TEMPLATES, TemplateError, get_template, response_text
+from perft_qlora.protocol import COMMONSENSE_PREFIX, PROTOCOLS
 from perft_qlora.records import RecordSet
 
 HEAD = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
