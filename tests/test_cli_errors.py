@@ -241,10 +241,12 @@ def test_bench_kernels_smoke_runs_on_cpu_without_setup():
 
 
 def test_bench_errors_are_one_line(capsys):
+    from perft_qlora.bench.__main__ import COMMANDS
     from perft_qlora.bench.__main__ import main as bench_main
 
     assert bench_main(["nope"]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == ["error: unknown command 'nope'; choose from kernels, train"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: unknown command 'nope'; choose from {', '.join(COMMANDS)}"]
     with pytest.raises(SystemExit) as exit_info:
         bench_main(["train", "--steps", "0"])
     assert exit_info.value.code != 0 and "error: --steps must be >= 1" in str(exit_info.value.code) + capsys.readouterr().err
