@@ -50,12 +50,13 @@ def model_config(name: str, revision: str | None = None):
     return config
 
 
-def check_perft_config(args, config) -> PerftConfig | None:
-    """The adapter config the options make, checked against the base model (None for ``--variant lora``)."""
+def check_perft_config(args, config=None) -> PerftConfig | None:
+    """The adapter config the options make (None for ``--variant lora``), checked on its own and, given the
+    base model's ``config``, against it (``--layers``)."""
     from .train_options import perft_config_from_args
 
-    layers = config.num_hidden_layers
-    if args.layers is not None:
+    if config is not None and args.layers is not None:
+        layers = config.num_hidden_layers
         bad = [i for i in args.layers if not 0 <= i < layers]
         if bad or not args.layers:
             raise UsageError(f"--layers {args.layers}: {config.model_type} has decoder layers 0..{layers - 1}; "

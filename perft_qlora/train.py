@@ -122,6 +122,7 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None
     Everything a user passes is checked before any model weight is read (``preflight.py``, ``records.py``)."""
     backend = get_backend(args.backend)  # fails at once if, e.g., Unsloth has no GPU here
     resume = resolve_resume(args)
+    check_perft_config(args)  # the knobs on their own, before --demo writes anything
     if args.demo:
         mark_demo_dir(args.output_dir)
     set_seed(args.seed)

@@ -265,3 +265,9 @@ def test_evaluate_uses_the_adapters_template_and_warns_on_override(adapter_dir, 
     assert capsys.readouterr().err.strip().splitlines() == [(
         "warning: adapter clean was trained with the 'alpaca' template; evaluating it with 'released' as "
         "--template asks")]
+
+
+def test_demo_with_bad_knobs_writes_nothing(tmp_path, no_loading, capsys):
+    out = tmp_path / "demo"
+    line = single_error(capsys, train.main, ["--demo", "--output-dir", str(out), "--num-experts", "4", "--top-k", "5"])
+    assert "--top-k (K') <= --num-experts (M=4); got 5" in line and not out.exists()
