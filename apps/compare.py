@@ -11,6 +11,9 @@ serves on 127.0.0.1 unless ``--host`` says otherwise.
 
 from __future__ import annotations
 
+from perft_qlora import cli  # first: quiets bitsandbytes' import-time notice (see perft_qlora/cli.py)
+
+# isort: split
 import argparse
 import html
 import os
@@ -322,25 +325,36 @@ def make_parser() -> argparse.ArgumentParser:
                         help="an adapter directory written by save_adapter; repeat for more columns")
     parser.add_argument("--demo", action="store_true", help="tiny built-in model and the demo adapter, on CPU")
     parser.add_argument("--demo-dir", default="perft-demo", help="output of `train --demo` (default: %(default)s)")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda when available, else cpu)")
     parser.add_argument("--columns", type=int, default=None, help="number of chat columns (default: 1 + adapters)")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s, local only)")
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    cli.add_debug_option(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Serve the app; bad input ends as one ``error:`` line before the model loads (``perft_qlora.cli``)."""
     parser = make_parser()
     args = parser.parse_args(argv)
+    if not args.demo and not args.model:
+        parser.error("give --model (and --adapter NAME=DIR ...) or --demo")
+    with cli.error_path(args.debug, on_interrupt=lambda: "the app stopped; nothing to save"):
+        serve(args)
+
+
+def serve(args: argparse.Namespace) -> None:
+    from perft_qlora.preflight import is_local_path, model_config
+
     adapters = dict(args.adapter)
     if args.demo:
         base, demo_adapters = demo_paths(args.demo_dir)
         adapters, device = {**demo_adapters, **adapters}, args.device or "cpu"
-    elif args.model:
-        base, device = args.model, args.device
     else:
-        parser.error("give --model (and --adapter NAME=DIR ...) or --demo")
+        base, device = args.model, args.device
+    if is_local_path(base):
+        model_config(base)  # no config.json, not a MoE family: one error line, before loading
     chat = ChatModel.load(base, device=device)
     errors = chat.register_many(adapters)
     for name, err in errors.items():

@@ -30,7 +30,7 @@ from .config import PerftConfig
 from .layer import PerftMoEBlock
 from .loader import load_model
 from .model import ParameterReport, attach_perft, iter_perft_blocks, parameter_report
-from .prompts import format_prompt
+from .prompts import DEFAULT_TEMPLATE, get_template
 
 BASE = "base"
 """Name of the base model's column; no adapter may take it."""
@@ -119,6 +119,12 @@ class _Adapter:
     @property
     def variant(self) -> str:
         return self.config.variant if self.config is not None else f"peft {self.metadata.get('peft_type', '?').lower()}"
+
+    @property
+    def template(self) -> str:
+        """The prompt template the adapter was trained with (recorded by training), else the default."""
+        training = (self.metadata.get("extra") or {}).get("training") or {}
+        return training.get("template") or DEFAULT_TEMPLATE
 
     @property
     def knobs(self) -> dict:
@@ -314,15 +320,17 @@ class ChatModel:
             self.active = name
 
     # -- prompts --------------------------------------------------------------------------------------
-    def build_prompt(self, history: list[dict], message: str, style: str = "template", context: str = "") -> str:
+    def build_prompt(self, history: list[dict], message: str, style: str = "template", context: str = "",
+                     name: str | None = None) -> str:
         """The model input for ``message`` (and its optional ``context``) after ``history`` (OpenAI-style messages).
 
         ``template``: the LLM-Adapters template, ``message`` as the instruction and ``context`` as its input,
         without the history (adapters are trained single-turn); ``chat``: the tokenizer's chat template over the
         whole conversation, ``context`` appended to the message.
         """
-        if style == "template":
-            return format_prompt(message, context)
+        if style == "template":  # the template adapter ``name`` was trained with (the base: the default)
+            entry = self.adapters.get(name) if name is not None else None
+            return get_template(entry.template if entry is not None else DEFAULT_TEMPLATE).eval(message, context, "")
         if style != "chat":
             raise ChatError(f"unknown prompt style {style!r}; use one of {', '.join(STYLES)}")
         if not getattr(self.tokenizer, "chat_template", None):
@@ -422,7 +430,7 @@ class ChatModel:
         """Stream ``(history with the growing reply, update)`` for one column's chat turn."""
         if not message.strip():
             raise ChatError("the prompt is empty; type a message first")
-        prompt = self.build_prompt(history, message, style, context)
+        prompt = self.build_prompt(history, message, style, context, name)
         turn = [*history, {"role": "user", "content": user_content(message, context)}]
         for update in self.stream(name, prompt, settings, cancel, add_special_tokens=style == "template"):
             yield [*turn, {"role": "assistant", "content": update.text}], update

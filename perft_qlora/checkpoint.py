@@ -18,6 +18,7 @@ from . import __version__
 from .arch import decoder_layers, get_arch
 from .config import PerftConfig
 from .model import attach_perft, detach_perft, iter_perft_blocks
+from .model_card import CARD_NAME
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -55,16 +56,17 @@ def _adapter_metadata(model) -> dict:
     }
 
 
-def save_adapter(model, directory: str, extra_metadata: dict | None = None) -> str:
+def save_adapter(model, directory: str, extra_metadata: dict | None = None, model_card: str | None = None) -> str:
     """Write the attached adapter to ``directory`` atomically; returns the directory.
 
-    An existing ``directory`` is replaced as a whole, so it may hold only a previous adapter's two files.
+    ``model_card`` (markdown) is written as ``README.md`` beside it. An existing ``directory`` is replaced as a
+    whole, so it may hold only a previous adapter's files (the two files and its README.md).
     """
     if getattr(model, "perft_config", None) is None:
         raise AdapterError("no PERFT adapter is attached to this model; call attach_perft first")
     directory = os.path.abspath(directory)
     if os.path.isdir(directory):
-        others = sorted(set(os.listdir(directory)) - {CONFIG_NAME, WEIGHTS_NAME})
+        others = sorted(set(os.listdir(directory)) - {CONFIG_NAME, WEIGHTS_NAME, CARD_NAME})
         if others:
             raise AdapterError(
                 f"refusing to replace {directory}: it holds files other than an adapter ({', '.join(others[:3])}); "
@@ -81,6 +83,9 @@ def save_adapter(model, directory: str, extra_metadata: dict | None = None) -> s
         save_file(state, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(staging, CONFIG_NAME), "w") as f:
             json.dump(metadata, f, indent=2)
+        if model_card is not None:
+            with open(os.path.join(staging, CARD_NAME), "w", encoding="utf-8") as f:
+                f.write(model_card)
         if os.path.exists(directory):
             retired = tempfile.mkdtemp(prefix=".adapter-old-", dir=parent)
             old = os.path.join(retired, "old")
@@ -121,6 +126,39 @@ def read_adapter_config(directory: str) -> dict:
         raise AdapterError(
             f"{path} has format_version {version!r}; this perft_qlora ({__version__}) reads version {FORMAT_VERSION}"
         )
+    return metadata
+
+
+def verify_safetensors(path: str) -> None:
+    """Check a safetensors file without loading it: the header parses and the file is exactly as long as the
+    header says (a truncated or padded file fails here, before any model is loaded)."""
+    if not os.path.isfile(path):
+        raise AdapterError(f"{path} is missing; the adapter directory is incomplete (re-save or re-copy it)")
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little") if size >= 8 else -1
+            if not 0 < header_len <= size - 8:
+                raise ValueError("no valid header")
+            header = json.loads(handle.read(header_len))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{path} is not a valid safetensors file ({err}); re-save or re-copy the adapter") from err
+    expected = 8 + header_len + max(ends, default=0)
+    if size != expected:
+        raise AdapterError(f"{path} is {'truncated' if size < expected else 'too long'}: {size} bytes, its header "
+                           f"says {expected}; re-save or re-copy the adapter")
+
+
+def verify_adapter_files(directory: str) -> dict:
+    """Pre-load check of a PERFT adapter directory: config (format, ``perft`` section) and weights file.
+    Returns the metadata."""
+    metadata = read_adapter_config(directory)
+    try:
+        PerftConfig.from_dict(metadata["perft"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise AdapterError(f"{directory}/{CONFIG_NAME} has an invalid 'perft' section: {err}") from err
+    verify_safetensors(os.path.join(directory, WEIGHTS_NAME))
     return metadata
 
 

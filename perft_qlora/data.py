@@ -1,6 +1,7 @@
 """LLM-Adapters rows -> the prompt/completion data set TRL's ``SFTTrainer`` tokenizes.
 
-Each row becomes ``{"prompt": template up to "### Response:\\n", "completion": output}``. SFTTrainer
+Each row becomes ``{"prompt": template up to the response, "completion": output}``, where prompt + completion
+is the template's training text byte for byte (``released``: the authors' ``finetune.py`` bytes). SFTTrainer
 tokenizes both, appends EOS, truncates to ``max_length`` and, with ``completion_only_loss``, masks the
 prompt out of the loss. The authors' recipe trains on the whole sequence (``completion_only_loss=False``).
 """
@@ -9,14 +10,15 @@ from __future__ import annotations
 
 from datasets import Dataset
 
-from .prompts import format_prompt
+from .prompts import DEFAULT_TEMPLATE, get_template
 from .records import DataError, RecordSet
 
 
-def to_prompt_completion(records: RecordSet) -> Dataset:
-    """One ``{"prompt", "completion"}`` example per valid row, in file order."""
+def to_prompt_completion(records: RecordSet, template: str = DEFAULT_TEMPLATE) -> Dataset:
+    """One ``{"prompt", "completion"}`` example per valid row, in file order, rendered with ``template``."""
+    render = get_template(template).train
     return Dataset.from_dict({
-        "prompt": [format_prompt(r["instruction"], r["input"]) for r in records.rows],
+        "prompt": [render(r["instruction"], r["input"], "") for r in records.rows],
         "completion": [r["output"] for r in records.rows],
     })
 

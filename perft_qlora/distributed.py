@@ -48,13 +48,14 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def rank_device(requested: str) -> str:
+def rank_device(requested: str | None) -> str:
     """The device this rank loads its model onto: ``cuda`` becomes ``cuda:LOCAL_RANK`` under a launcher.
 
     Without it every rank would load onto the current device, GPU 0, before the Trainer picks the rank's
     GPU (N copies of the model on one card). Refuses a fixed ``cuda:K`` with several ranks and a rank
     without a GPU of its own.
     """
+    requested = requested or ("cuda" if torch.cuda.is_available() else "cpu")  # --device's default
     device = torch.device(requested)
     if device.type != "cuda" or world_size() == 1:
         return requested

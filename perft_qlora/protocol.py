@@ -1,9 +1,11 @@
 """Evaluation protocols: how prompts are built and decoded per task family.
 
 ``perft`` is the default: the PERFT authors' released evaluation (../shared/docs/perft-method.md,
-"Evaluation in the released scripts"). ``llm-adapters`` is LLM-Adapters' own commonsense script (empty
-response slot, 32 new tokens); both decode math the same way. Both use 4-beam search; ``--greedy``
-replaces it with one beam for quick looks, and the summary records which settings produced the numbers.
+"Evaluation in the released scripts"); it scores the text after the last ``### Response:``.
+``llm-adapters`` is LLM-Adapters' own commonsense script (empty response slot, 32 new tokens) and, as its
+``output.split("### Response:")[1]``, scores the text after the first one. Both decode math the same way
+and use 4-beam search; ``--greedy`` replaces it with one beam for quick looks. Prompts use a template from
+``prompts.py`` (``released`` by default; evaluation uses the adapter's). The summary records all of it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .prompts import format_prompt, response_text
+from .prompts import DEFAULT_TEMPLATE, get_template, response_text
 
 COMMONSENSE_PREFIX = "the correct answer is"
 """Commonsense170K outputs read ``the correct answer is <label>``; the PERFT scripts pre-fill this much."""
@@ -32,13 +34,26 @@ class Protocol:
     """Decoding per task family (``commonsense``, ``math``)."""
     num_beams: int = 4
     """Beam-search width; 1 is greedy decoding."""
+    split: str = "last"
+    """Which ``### Response:`` the scored text follows: ``last`` (PERFT) or ``first`` (LLM-Adapters)."""
+    template: str = DEFAULT_TEMPLATE
+    """Prompt template name (``prompts.TEMPLATES``)."""
 
     def decoding(self, family: str) -> Decoding:
         return self.families[family]
 
     def prompt(self, family: str, row: dict[str, str]) -> str:
-        """The LLM-Adapters template for ``row`` with the family's response prefix."""
-        return format_prompt(row["instruction"], row.get("input", ""), self.families[family].response_prefix)
+        """The evaluation prompt of ``self.template`` for ``row`` with the family's response prefix."""
+        render = get_template(self.template).eval
+        return render(row["instruction"], row.get("input", ""), self.families[family].response_prefix)
+
+    def scored_response(self, prompt: str, generated: str) -> str:
+        """What is scored: the response part of prompt + generation (the prefix included), split as the source does."""
+        return response_text(prompt + generated, self.split)
+
+    def with_template(self, template: str) -> Protocol:
+        get_template(template)  # an unknown name fails here
+        return dataclasses.replace(self, template=template)
 
     def with_beams(self, num_beams: int) -> Protocol:
         if num_beams < 1:
@@ -57,13 +72,15 @@ class Protocol:
         return {
             "protocol": self.name,
             "num_beams": self.num_beams,
+            "template": self.template,
+            "split": self.split,
             "do_sample": False,
             "families": {family: dataclasses.asdict(decoding) for family, decoding in self.families.items()},
         }
 
 
 def scored_response(prompt: str, generated: str) -> str:
-    """What is scored: the text after the last ``### Response:`` of prompt + generation (the prefix included)."""
+    """The ``perft`` protocol's scoring: the text after the last ``### Response:`` of prompt + generation."""
     return response_text(prompt + generated)
 
 
@@ -71,5 +88,5 @@ _MATH = Decoding(response_prefix="", max_new_tokens=256)
 
 PROTOCOLS: dict[str, Protocol] = {
     "perft": Protocol("perft", {"commonsense": Decoding(COMMONSENSE_PREFIX, 4), "math": _MATH}),
-    "llm-adapters": Protocol("llm-adapters", {"commonsense": Decoding("", 32), "math": _MATH}),
+    "llm-adapters": Protocol("llm-adapters", {"commonsense": Decoding("", 32), "math": _MATH}, split="first"),
 }

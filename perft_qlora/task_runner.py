@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .generate import generate_batch
 from .predictions import PredictionStore
-from .protocol import Protocol, scored_response
+from .protocol import Protocol
 from .summary import score
 from .tasks import TestSet
 
@@ -37,7 +37,7 @@ def run_task(
             prompts = [protocol.prompt(task.family, rows[i]) for i in chunk]
             generated = generate_batch(model, tokenizer, prompts, decoding.max_new_tokens, protocol.num_beams)
             for i, prompt, text in zip(chunk, prompts, generated):
-                response = scored_response(prompt, text)
+                response = protocol.scored_response(prompt, text)
                 extracted = task.extract(response)
                 gold = rows[i]["answer"].strip()
                 store.add({

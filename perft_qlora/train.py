@@ -14,8 +14,12 @@ the tiny base model is written to ``<output-dir>/base/``. ``--help`` lists every
 
 from __future__ import annotations
 
+from .cli import UsageError, error_path  # first: quiets bitsandbytes' import-time notice (cli.py)
+
+# isort: split
 import argparse
 import glob
+import json
 import os
 import shutil
 import sys
@@ -32,32 +36,86 @@ from .distributed import is_main_process, main_process_first, prepare_ranks
 from .loader import load_model
 from .memory import memory_report
 from .model import attach_perft, parameter_report
+from .preflight import check_output_dir, check_perft_config, model_config
 from .records import read_records
 from .tiny import save_tiny_model
 from .train_options import DEMO_INIT_RANGE, parse_args, perft_config_from_args, sft_config_from_args
 from .trainer import PerftSFTTrainer
 
+DEMO_MARKER = ".perft-qlora-demo"
+"""Written into ``--output-dir`` by ``--demo``: a later ``--demo`` may start over only where it finds it."""
 
-def resolve_resume(args: argparse.Namespace) -> str | None:
-    """The checkpoint to resume from, or None; refuses to silently train over an earlier run's checkpoints."""
-    existing = sorted(glob.glob(os.path.join(args.output_dir, "checkpoint-*")))
+
+def previous_outputs(args: argparse.Namespace) -> list[str]:
+    """What an earlier run wrote into ``--output-dir`` that this run would replace: checkpoints, the adapter and,
+    for ``--demo`` (which writes its tiny base model there), ``base/``."""
+    found = sorted(glob.glob(os.path.join(args.output_dir, "checkpoint-*")))
+    replaced = ["adapter"] + (["base"] if args.demo and args.model is None else [])
+    return found + [path for name in replaced if os.path.isdir(path := os.path.join(args.output_dir, name))]
+
+
+def say(text: str) -> None:
+    """Print to stderr on the first rank only (every rank runs this script under ``accelerate launch``)."""
+    if is_main_process():
+        print(text, file=sys.stderr)
+
+
+def _names(paths: list[str]) -> str:
+    names = [os.path.basename(p) + "/" for p in paths]
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def start_over(args: argparse.Namespace, earlier: list[str]) -> None:
+    """Remove an earlier run's checkpoints and adapter, saying so; only with --overwrite or in a --demo directory."""
+    demo_dir = args.demo and os.path.isfile(os.path.join(args.output_dir, DEMO_MARKER))
+    if not (args.overwrite or demo_dir):
+        hint = " (it was not written by --demo)" if args.demo else ""
+        raise UsageError(
+            f"{args.output_dir} already holds an earlier run ({_names(earlier)}){hint}; pass --resume to continue "
+            "it, --overwrite to delete those and start over, or another --output-dir"
+        )
+    why = "--overwrite" if args.overwrite else "--demo (a previous demo run)"
+    print(f"{why}: removing {_names(earlier)} from {args.output_dir}", file=sys.stderr)
+    for directory in earlier:  # nothing else in the directory is touched
+        shutil.rmtree(directory)
+
+
+def resolve_resume(args: argparse.Namespace, remove: bool = True) -> str | None:
+    """The checkpoint to resume from, or None; an earlier run's outputs go only as ``start_over`` allows.
+
+    ``remove=False`` (every rank but the first under data parallel) decides the same but deletes nothing: by the
+    time it looks, rank 0 has already started over and written this run's files."""
+    check_output_dir(args.output_dir)
     if args.resume is None:
-        if existing and not args.overwrite:
-            raise SystemExit(
-                f"error: {args.output_dir} already holds checkpoints ({os.path.basename(existing[-1])}); "
-                "pass --resume to continue that run, --overwrite to start over, or another --output-dir"
-            )
-        for directory in existing:  # --overwrite: the earlier run's checkpoints go (nothing else is touched)
-            shutil.rmtree(directory)
+        earlier = previous_outputs(args)
+        if earlier and remove:
+            start_over(args, earlier)
         return None
     if args.resume != "last":
         if not os.path.isdir(args.resume):
-            raise SystemExit(f"error: --resume {args.resume}: no such checkpoint directory")
+            raise UsageError(f"--resume {args.resume}: no such checkpoint directory")
         return args.resume
     last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     if last is None:
-        raise SystemExit(f"error: --resume: no checkpoint-* directory in {args.output_dir} to continue from")
+        raise UsageError(f"--resume: no checkpoint-* directory in {args.output_dir} to continue from; "
+                         "leave out --resume to start a new run")
     return last
+
+
+def mark_demo_dir(output_dir: str) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, DEMO_MARKER), "w") as handle:
+        json.dump({"written_by": "python -m perft_qlora.train --demo", "contents": ["base", "adapter", "checkpoint-*"]},
+                  handle)
+
+
+def interrupted_message(args: argparse.Namespace) -> str:
+    """What a Ctrl-C leaves behind and how to continue."""
+    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    if last is None:
+        return (f"no checkpoint written yet (one every {args.save_steps} steps in {args.output_dir}); "
+                "nothing to resume, run the command again to start over")
+    return f"the last checkpoint is {last}; continue with the same command plus --resume"
 
 
 def attach_adapter(model, args: argparse.Namespace):
@@ -69,18 +127,26 @@ def attach_adapter(model, args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None) -> PerftSFTTrainer:
-    """Load, attach, train and save; returns the trainer (its ``state.log_history`` holds every log line)."""
+    """Check, load, attach, train and save; returns the trainer (its ``state.log_history`` holds every log line).
+
+    Everything a user passes is checked before any model weight is read (``preflight.py``, ``records.py``)."""
     backend = get_backend(args.backend)  # fails at once if, e.g., Unsloth has no GPU here
     args.device = prepare_ranks(args)  # under accelerate launch: this rank's own GPU, launch checks
+    check_perft_config(args)  # the knobs on their own, before --demo writes anything
     set_seed(args.seed)
     with main_process_first():  # rank 0 removes old checkpoints and writes the demo base before others look
-        resume = resolve_resume(args)
+        resume = resolve_resume(args, remove=is_main_process())
+        if args.demo and is_main_process():
+            mark_demo_dir(args.output_dir)
         if args.demo and args.model is None:
             base = os.path.join(args.output_dir, "base")
             args.model = save_tiny_model(base, "olmoe", initializer_range=DEMO_INIT_RANGE) if is_main_process() else base
+    check_perft_config(args, model_config(args.model, args.revision))
     records = read_records(args.data, required=("instruction", "output"), split=args.data_split)
-    print(records.report(), file=sys.stderr)
-    train_set, val_set = split_validation(to_prompt_completion(records), args.val_size)
+    say(records.report())
+    train_set, val_set = split_validation(to_prompt_completion(records, args.template), args.val_size)
+    if resume is not None:
+        say(f"resuming from {resume}")
 
     model, tokenizer = load_model(
         args.model, quantize=args.quantize, device=args.device, double_quant=args.double_quant, revision=args.revision,
@@ -89,13 +155,15 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None
     arch = get_arch(model.config)
     too_long, checked = count_truncated(train_set, tokenizer, args.max_length)
     if too_long:
-        print(f"warning: {too_long} of {checked} examples checked are longer than --max-length {args.max_length} "
-              "tokens and lose the end of their response; raise --max-length", file=sys.stderr)
+        say(f"warning: {too_long} of {checked} examples checked are longer than --max-length {args.max_length} "
+              "tokens and lose the end of their response; raise --max-length")
     model = attach_adapter(model, args)
-    print(memory_report(model), file=sys.stderr)
-    print(f"{args.variant}: {parameter_report(model)}", file=sys.stderr)
+    say(memory_report(model))
+    say(f"{args.variant}: {parameter_report(model)}")
 
-    run_metadata = {"base_model": args.model, "data": args.data, "variant": args.variant, "seed": args.seed}
+    run_metadata = {
+        "base_model": args.model, "data": args.data, "variant": args.variant, "seed": args.seed, "template": args.template,
+    }
     trainer = PerftSFTTrainer(
         model, args=sft_config_from_args(args, arch, val_set is not None), train_dataset=train_set,
         eval_dataset=val_set, processing_class=tokenizer, callbacks=callbacks, run_metadata=run_metadata,
@@ -105,19 +173,23 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None
     final_dir = os.path.join(args.output_dir, "adapter")
     trainer.save_model(final_dir)
     best = trainer.state.best_metric
-    print(f"adapter saved to {final_dir}" + (f" (best eval_loss {best:.4f})" if best is not None else ""), file=sys.stderr)
+    say(f"adapter saved to {final_dir}" + (f" (best eval_loss {best:.4f})" if best is not None else ""))
     return trainer
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line: bad input ends as one ``error:`` line and exit status 1 (``cli.error_path``)."""
     args = parse_args(argv)
-    run(args)
+    with error_path(args.debug, on_interrupt=lambda: interrupted_message(args)):
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()  # SFTTrainer's five per-split preprocessing bars; the training bar stays
+        run(args)
     if args.demo:
         base = args.model
-        print(
+        say(
             "next: python -m perft_qlora.evaluate --model {0} --adapter {1} --tasks demo\n"
-            "      python apps/compare.py --demo --demo-dir {2}".format(base, os.path.join(args.output_dir, "adapter"), args.output_dir),
-            file=sys.stderr,
+            "      python apps/compare.py --demo --demo-dir {2}".format(base, os.path.join(args.output_dir, "adapter"), args.output_dir)
         )
 
 

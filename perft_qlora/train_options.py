@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from .cli import HelpFormatter, add_debug_option
 from .config import PerftConfig
 from .demo_data import demo_data_path
 
@@ -24,11 +25,12 @@ VARIANT_CHOICES = ("perft", "perft_e", "perft_d", "perft_s", "lora")
 # lm_head give logits too small for any adapter to make a confident prediction.
 DEMO_INIT_RANGE = 0.08
 
-# What `--demo` changes: a tiny model trains from scratch fast only with a large learning rate.
+# What `--demo` changes: a tiny model trains from scratch fast only with a large learning rate. max_length:
+# with the byte-level tokenizer, the released template's indents make a demo row about 460 tokens.
 DEMO_PRESETS = dict(
     data=demo_data_path("train"), output_dir="perft-demo", variant="perft", num_experts=4, top_k=2, bottleneck=8,
     adapter_dropout=0.0, val_size=16, epochs=3.0, batch_size=16, learning_rate=1e-2, warmup_steps=5,
-    logging_steps=5, eval_steps=15, save_steps=15, max_length=384, overwrite=True,
+    logging_steps=5, eval_steps=15, save_steps=15, max_length=512,
 )
 
 
@@ -44,31 +46,32 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m perft_qlora.train",
         description="Fine-tune routed PEFT experts (PERFT) on an NF4 mixture-of-experts model with TRL's SFTTrainer.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog="Defaults follow the PERFT authors' released recipe; 'None' = the architecture's recipe value.",
+        formatter_class=HelpFormatter,
+        epilog="Defaults follow the PERFT authors' released recipe (OLMoE / Mixtral values where they differ).",
     )
     p.add_argument("--config", help="YAML or JSON file of options (keys as below); the command line overrides it")
-    p.add_argument("--demo", action="store_true", help="tiny built-in OLMoE-shaped model + shipped demo data, CPU, ~2 min")
+    p.add_argument("--demo", action="store_true", help="tiny built-in OLMoE-shaped model + shipped demo data on the CPU (sets the demo's own defaults)")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="hub name or local path of an OLMoE / Mixtral checkpoint (required unless --demo)")
-    g.add_argument("--revision", help="hub revision")
+    g.add_argument("--revision", help="hub revision (default: the main branch)")
     g.add_argument("--quantize", default="nf4", choices=("nf4", "none"), help="nf4: every big weight in 4-bit, experts included")
     g.add_argument("--double-quant", default=True, action=argparse.BooleanOptionalAction, help="quantize the NF4 scales too")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model lives")
+    g.add_argument("--device", default=None, help="where the model lives: cuda, cuda:1, cpu ... (default: cuda when available, else cpu)")
     g.add_argument("--base-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="unquantized base weights and the NF4 compute dtype (float32: exact CPU parity checks)")
     g = p.add_argument_group("adapter")
     g.add_argument("--variant", default="perft", choices=VARIANT_CHOICES, help="lora = peft LoRA on attention (baseline)")
-    g.add_argument("--num-experts", type=int, default=None, help="M PEFT experts (default 4 for perft / perft_d)")
-    g.add_argument("--top-k", type=int, default=None, help="K' experts per token (perft; default 2)")
+    g.add_argument("--num-experts", type=int, default=None, help="M PEFT experts (default: 4 for perft / perft_d)")
+    g.add_argument("--top-k", type=int, default=None, help="K' experts per token (perft; default: 2)")
     g.add_argument("--bottleneck", type=int, default=16, help="DB, the bottleneck width (LoRA rank for --variant lora)")
-    g.add_argument("--alpha", type=float, default=None, help="scaling alpha / DB; default 2 * DB")
-    g.add_argument("--activation", default=None, choices=("silu", "gelu", "relu"), help="between down and up; None = LoRA-style")
+    g.add_argument("--alpha", type=float, default=None, help="scaling alpha / DB (default: 2 * DB)")
+    g.add_argument("--activation", default=None, choices=("silu", "gelu", "relu"), help="between down and up (default: none, i.e. LoRA-style linear)")
     g.add_argument("--adapter-dropout", type=float, default=0.05, help="dropout on the adapter input")
-    g.add_argument("--aux-loss-coef", type=float, default=None, help="PERFT router balance-loss weight")
-    g.add_argument("--base-aux-loss-coef", type=float, default=None, help="base router balance-loss weight")
-    g.add_argument("--layers", type=_int_list, default=None, help="comma-separated decoder layers to adapt; default all")
-    g.add_argument("--lora-targets", type=_str_list, default=["q_proj", "k_proj", "v_proj", "o_proj"], help="--variant lora")
+    g.add_argument("--aux-loss-coef", type=float, default=None, help="PERFT router balance-loss weight (default: the recipe's, 0.01 OLMoE / 0.02 Mixtral)")
+    g.add_argument("--base-aux-loss-coef", type=float, default=None, help="base router balance-loss weight (default: the recipe's, 0.01 OLMoE / 0.02 Mixtral)")
+    g.add_argument("--layers", type=_int_list, default=None, help="comma-separated decoder layers to adapt (default: all)")
+    g.add_argument("--lora-targets", type=_str_list, default=["q_proj", "k_proj", "v_proj", "o_proj"],
+                   help="modules --variant lora adapts (default: q_proj,k_proj,v_proj,o_proj)")
     g.add_argument("--adapter-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="adapter weights; float32 master weights (compute follows the model) keep small updates")
     g = p.add_argument_group("data")
@@ -76,12 +79,14 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-split", default="train", help="split of a hub data set")
     g.add_argument("--val-size", type=int, default=120, help="rows held out (seed 42) for eval + best checkpoint; 0 = none")
     g.add_argument("--max-length", type=int, default=256, help="tokens per example (truncated; EOS appended)")
+    g.add_argument("--template", default="released", choices=("released", "alpaca"),
+                   help="prompt template: released = the authors' exact bytes, alpaca = the clean text (recorded in the adapter)")
     g.add_argument("--completion-only-loss", action="store_true", help="loss on the response only (recipe: whole sequence)")
     g = p.add_argument_group("training")
     g.add_argument("--output-dir", default="perft-out", help="checkpoints, logs and the final adapter (<dir>/adapter)")
     g.add_argument("--epochs", type=float, default=3.0, help="training epochs")
-    g.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (overrides --epochs)")
-    g.add_argument("--learning-rate", type=float, default=None, help="AdamW learning rate; None = 1e-5 OLMoE, 2e-5 Mixtral")
+    g.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps, overriding --epochs (default: -1, run --epochs)")
+    g.add_argument("--learning-rate", type=float, default=None, help="AdamW learning rate (default: the recipe's, 1e-5 OLMoE / 2e-5 Mixtral)")
     g.add_argument("--batch-size", type=int, default=16, help="examples per device per step")
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="examples per optimizer step over all ranks; sets --batch-size to it / (ranks x --grad-accum)")
@@ -97,11 +102,13 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-total-limit", type=int, default=3, help="checkpoints kept (the best one is always kept)")
     g.add_argument("--gradient-checkpointing", default=True, action=argparse.BooleanOptionalAction, help="recompute layers in backward")
     g.add_argument("--offload-activations", action="store_true", help="keep checkpointed activations in pinned CPU memory")
-    g.add_argument("--report-to", type=_str_list, default=["none"], help="Trainer integrations, e.g. tensorboard,wandb")
+    g.add_argument("--report-to", type=_str_list, default=["none"], help="Trainer integrations, e.g. tensorboard,wandb (default: none)")
     g.add_argument("--backend", default="default", choices=("default", "unsloth"), help="unsloth: CUDA + Unsloth installed")
-    g.add_argument("--resume", nargs="?", const="last", default=None, help="continue from the last checkpoint in --output-dir (or a path)")
+    g.add_argument("--resume", nargs="?", const="last", default=None, help="continue from the last checkpoint in --output-dir, or from the checkpoint directory given (default: start a new run)")
     g.add_argument("--overwrite", action="store_true",
-                   help="start over: delete --output-dir's checkpoint-* dirs first (--demo does this by default)")
+                   help="start over: delete an earlier run's checkpoint-* and adapter/ in --output-dir first (--demo "
+                        "does this by itself only in a directory a previous --demo wrote)")
+    add_debug_option(p)
     return p
 
 
@@ -142,6 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.demo and (args.model is None or args.data is None):
         parser.error("--model and --data are required (or pass --demo for the built-in tiny run)")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.variant in ("perft", "perft_d") and args.num_experts is None:
         args.num_experts = 4
     if args.variant == "perft" and args.top_k is None:

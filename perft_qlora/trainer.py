@@ -20,6 +20,7 @@ bitsandbytes' format but outside that machinery, so the check does not apply; th
 
 from __future__ import annotations
 
+import os
 import time
 
 from trl import SFTTrainer
@@ -28,7 +29,9 @@ from .checkpoint import load_adapter, save_adapter
 from .kernels import backend_choices
 from .losses import perft_balance_loss
 from .memory import peak_memory_bytes
-from .model import balance_loss_coef
+from .model import balance_loss_coef, parameter_report
+from .model_card import CARD_NAME, render_model_card
+from .progress import REPLACES, TrainingProgress
 from .stats import routing_log
 
 
@@ -64,6 +67,10 @@ class PerftSFTTrainer(SFTTrainer):
         perft = _perft_model(self.model)
         self.perft_aux_loss_coef = balance_loss_coef(perft) if perft is not None else 0.0
         self._last_log = (time.perf_counter(), 0)
+        for callback in REPLACES:  # one progress bar + aligned eval lines instead of raw dicts (progress.py)
+            self.remove_callback(callback)
+        if not self.args.disable_tqdm:
+            self.add_callback(TrainingProgress())
 
     # ---- loss -------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -105,10 +112,29 @@ class PerftSFTTrainer(SFTTrainer):
         if perft is None:  # the peft LoRA baseline: the Trainer saves peft's adapter files itself
             return super()._save(output_dir, state_dict)
         if self.args.should_save:
-            metadata = {**self.run_metadata, "global_step": self.state.global_step, "epoch": self.state.epoch}
-            save_adapter(perft, output_dir or self.args.output_dir, extra_metadata={"training": metadata})
+            directory = output_dir or self.args.output_dir
+            metadata = self._training_metadata()
+            card = render_model_card(metadata, perft.perft_config.to_dict(), parameter_report(perft), directory)
+            save_adapter(perft, directory, extra_metadata={"training": metadata}, model_card=card)
         # save_adapter replaces the directory as a whole: other ranks write their RNG state into it only after.
         self.accelerator.wait_for_everyone()
+
+    # ---- model card -------------------------------------------------------------------------------
+    def _training_metadata(self) -> dict:
+        return {**self.run_metadata, "global_step": self.state.global_step, "epoch": self.state.epoch,
+                "best_eval_loss": self.state.best_metric}
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None) -> None:
+        """Our card (model_card.py) in ``output_dir``, instead of TRL's (which names a local base model ``None``)."""
+        if not self.is_world_process_zero():
+            return
+        perft = _perft_model(self.model)
+        report = parameter_report(perft) if perft is not None else None  # LoRA: peft writes its own card too
+        card = render_model_card(self._training_metadata(), perft.perft_config.to_dict() if perft else None, report,
+                                 os.path.join(self.args.output_dir, "adapter"))
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, CARD_NAME), "w", encoding="utf-8") as handle:
+            handle.write(card)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         perft = _perft_model(model if model is not None else self.model)

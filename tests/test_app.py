@@ -15,7 +15,7 @@ from test_chat import adapter_dirs, chat  # noqa: F401  (module-scoped fixtures:
 
 import perft_qlora.chat as chat_module
 from perft_qlora.chat import BASE, ChatModel, GenerationSettings, RoutingTrace, message_text
-from perft_qlora.prompts import format_prompt
+from perft_qlora.prompts import TEMPLATES
 
 APP_PATH = Path(__file__).resolve().parents[1] / "apps" / "compare.py"
 NAMES = [BASE, "perft", "perft_e"]
@@ -114,7 +114,7 @@ def test_retry_and_clear(app_module, chat, expected):  # noqa: F811
 def test_input_context_goes_into_the_template_and_retry_keeps_it(app_module, chat):  # noqa: F811
     app = app_module.CompareApp(chat, len(NAMES))
     settings = GenerationSettings(max_new_tokens=MAX_NEW)
-    direct = chat.stream("perft", format_prompt("Is it loud?", "QUIET WORDS"), settings)
+    direct = chat.stream("perft", TEMPLATES["released"].eval("Is it loud?", "QUIET WORDS", ""), settings)
     want = list(direct)[-1].text
     *_, histories, _, _, _, turn = _unpack(_send(app, "Is it loud?", context="QUIET WORDS")[-1])
     assert turn == ["Is it loud?", "QUIET WORDS"] and histories[1][0]["content"] == "Is it loud?\n\nQUIET WORDS"

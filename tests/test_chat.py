@@ -21,7 +21,7 @@ from perft_qlora import (
     save_adapter,
 )
 from perft_qlora.chat import BASE, ChatError, ChatModel, GenerationSettings, RoutingRecorder
-from perft_qlora.prompts import format_prompt
+from perft_qlora.prompts import TEMPLATES, format_prompt
 from perft_qlora.tiny import save_tiny_model
 
 ADAPTERS = {
@@ -72,7 +72,7 @@ def _reference_reply(base_dir, adapter_dir, message, max_new_tokens):
     model, tokenizer = load_model(base_dir, device="cpu", progress=False)
     if adapter_dir:
         load_adapter(model, adapter_dir)
-    ids = tokenizer(format_prompt(message), return_tensors="pt").input_ids
+    ids = tokenizer(TEMPLATES["released"].eval(message, "", ""), return_tensors="pt").input_ids  # the default
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return out[0, ids.shape[-1]:].tolist()
 
@@ -116,7 +116,7 @@ def test_lora_baseline_is_served_beside_perft_and_detaches_cleanly(adapter_dirs,
     replies = dict(order)
     fresh, _ = load_model(base_dir, device="cpu", progress=False)
     reference = attach_saved_adapter(fresh, str(tmp_path / "lora"))
-    ids = tokenizer(format_prompt("hello"), return_tensors="pt").input_ids
+    ids = tokenizer(TEMPLATES["released"].eval("hello", "", ""), return_tensors="pt").input_ids
     out = reference.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert replies["lora"] == tokenizer.decode(out[0, ids.shape[-1]:].tolist(), skip_special_tokens=True)
     assert replies[BASE] == tokenizer.decode(_reference_reply(base_dir, None, "hello", 10), skip_special_tokens=True)
@@ -162,7 +162,7 @@ def test_routing_trace_matches_a_full_forward(chat):
     """Step j of the trace is the routing of the position that predicted generated token j."""
     final = _reply(chat, "perft")[-1]
     tokenizer = chat.tokenizer
-    prompt_ids = tokenizer(format_prompt("hello"), return_tensors="pt").input_ids  # (1, S)
+    prompt_ids = tokenizer(TEMPLATES["released"].eval("hello", "", ""), return_tensors="pt").input_ids  # (1, S)
     new_ids = torch.tensor([final.trace.token_ids])  # (1, n)
     assert new_ids.shape[-1] == final.num_tokens == len(final.trace.tokens)
     ids = torch.cat([prompt_ids, new_ids], dim=-1)
@@ -253,9 +253,13 @@ def test_generation_failure_is_reported_not_hung(chat, monkeypatch):
     assert _reply(chat, "perft")[-1].num_tokens > 0
 
 
-def test_prompt_styles(chat):
-    assert chat.build_prompt([], "Say hi", "template") == format_prompt("Say hi")
-    assert chat.build_prompt([], "Say hi", "template", context="to Ann") == format_prompt("Say hi", "to Ann")
+def test_prompt_styles(chat, monkeypatch):
+    released = TEMPLATES["released"].eval
+    assert chat.build_prompt([], "Say hi", "template") == released("Say hi", "", "")  # base: the default template
+    assert chat.build_prompt([], "Say hi", "template", context="to Ann") == released("Say hi", "to Ann", "")
+    assert chat.build_prompt([], "Say hi", "template", name="perft") == released("Say hi", "", "")  # none recorded
+    monkeypatch.setitem(chat.adapters["perft"].metadata, "extra", {"training": {"template": "alpaca"}})
+    assert chat.build_prompt([], "Say hi", "template", name="perft") == format_prompt("Say hi")  # the adapter's own
     with pytest.raises(ChatError, match="no chat template.*LLM-Adapters template"):
         chat.build_prompt([], "Say hi", "chat")
     with pytest.raises(ChatError, match="unknown prompt style"):

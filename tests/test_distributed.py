@@ -25,6 +25,7 @@ from perft_qlora.checkpoint import WEIGHTS_NAME
 from perft_qlora.nf4 import NF4Weight
 from perft_qlora.train import run
 from perft_qlora.train_options import parse_args
+from perft_qlora.tiny import save_tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DDP_CONFIG = os.path.join(REPO, "examples", "accelerate", "ddp.yaml")
@@ -128,13 +129,14 @@ def test_routing_statistics_count_the_tokens_of_both_ranks(ddp_perft, data, tmp_
 @pytest.mark.slow
 def test_only_rank_0_writes_checkpoints_and_log_lines(ddp_perft):
     out, output = ddp_perft
-    assert sorted(os.listdir(out)) == ["README.md", "adapter", "base", "checkpoint-2", f"checkpoint-{STEPS}"]
+    assert sorted(os.listdir(out)) == [".perft-qlora-demo", "README.md", "adapter", "base", "checkpoint-2", f"checkpoint-{STEPS}"]
     for step in (2, STEPS):
         files = set(os.listdir(out / f"checkpoint-{step}"))
         # one adapter and optimizer (rank 0), one RNG state per rank, nothing left over from a second writer
-        assert files == {"adapter_config.json", WEIGHTS_NAME, "optimizer.pt", "scheduler.pt", "trainer_state.json",
+        assert files == {"README.md", "adapter_config.json", WEIGHTS_NAME, "optimizer.pt", "scheduler.pt", "trainer_state.json",
                          "rng_state_0.pth", "rng_state_1.pth"}, files
-    assert output.count("{'loss'") == STEPS  # the Trainer's log lines: rank 0 only
+    assert output.count("done  step") == 1  # the console's training summary: rank 0 only
+    assert output.count("adapter saved to") == 1  # and train.py's own lines
 
 
 @pytest.mark.slow
@@ -206,12 +208,15 @@ def test_train_loads_the_model_onto_the_rank_device(two_gpu_rank_1, monkeypatch,
 
     monkeypatch.setattr(distributed, "gather_fingerprints", lambda args, device: [distributed.options_fingerprint(args)] * 2)
     monkeypatch.setattr(train, "load_model", fake_load)
-    monkeypatch.setattr(train, "is_main_process", lambda: False)  # rank 1 does not write the demo base
+    monkeypatch.setattr(train, "is_main_process", lambda: False)  # rank 1 neither writes nor removes the demo base
+    base_config = tmp_path / "base" / "config.json"
+    save_tiny_model(str(tmp_path / "base"), "olmoe")  # what rank 0 wrote before rank 1 looks
+    os.utime(base_config, (1, 1))
     args = parse_args(["--demo", "--output-dir", str(tmp_path), "--device", "cuda"])
     with pytest.raises(Loaded):
         train.run(args)
     assert loaded["device"] == "cuda:1" and args.device == "cuda:1"
-    assert not (tmp_path / "base").exists()
+    assert os.stat(base_config).st_mtime == 1  # rank 0's base is neither removed nor rewritten by rank 1
 
 
 def test_global_batch_must_divide_over_ranks_and_accumulation(monkeypatch):

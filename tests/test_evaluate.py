@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from perft_qlora import PerftConfig, attach_perft, evaluate, iter_perft_blocks, load_model, save_adapter, task_runner
-from perft_qlora.checkpoint import CONFIG_NAME
+from perft_qlora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from perft_qlora.generate import generate_batch
 from perft_qlora.predictions import FIELDS
 from perft_qlora.tasks import TASKS
@@ -95,7 +96,7 @@ def test_end_to_end_tiny_nf4(tiny_checkpoint, saved_adapter, tmp_path, capsys, m
         assert record["extracted"] == task.extract(record["response"])
         assert record["correct"] == task.is_correct(record["extracted"], record["gold"])
         prefix = "the correct answer is" if task.name == "boolq" else ""
-        assert record["prompt"].endswith("### Response:\n" + prefix)
+        assert record["prompt"].endswith("### Response:\n" + " " * 16 + prefix)  # the released template
     by_model = {label: [r["generated"] for r in records if r["model"] == label] for label in ("base", "perft")}
     assert by_model["base"] != by_model["perft"]  # the adapter was active for its rows, and only for them
     for label in ("base", "perft"):
@@ -106,6 +107,7 @@ def test_end_to_end_tiny_nf4(tiny_checkpoint, saved_adapter, tmp_path, capsys, m
             assert result["correct"] == sum(r["correct"] for r in rows)
     assert summary["results"]["base"]["boolq"]["skipped_rows"] == 2
     assert summary["decoding"]["protocol"] == "perft" and summary["decoding"]["num_beams"] == 1
+    assert summary["decoding"]["template"] == {"base": "released", "perft": "released"}  # adapter: none recorded
     assert summary["decoding"]["families"]["math"]["max_new_tokens"] == 6
     assert summary["model"] == model_dir and summary["adapters"] == {"perft": saved_adapter}
     assert json.loads((out / "summary.json").read_text()) == summary
@@ -141,7 +143,7 @@ class FakeGeneration:
         self.prompts += prompts
         texts = []
         for prompt in prompts:
-            instruction = prompt.split("### Instruction:\n")[1].split("\n\n### Response:")[0]
+            instruction = prompt.split("### Instruction:\n")[1].split("\n\n")[0].strip()  # released: indented
             task, output = self.answers[instruction]
             if task.family == "commonsense":
                 output = output.removeprefix("the correct answer is")
@@ -222,6 +224,7 @@ def mismatched_adapter(saved_adapter, tmp_path):
     with open(os.path.join(saved_adapter, CONFIG_NAME)) as handle:
         metadata = json.load(handle)
     (directory / CONFIG_NAME).write_text(json.dumps({**metadata, "hidden_size": 4096}))
+    shutil.copy(os.path.join(saved_adapter, WEIGHTS_NAME), directory / WEIGHTS_NAME)
     return str(directory)
 
 
@@ -249,17 +252,23 @@ def test_bad_inputs_rejected_before_loading(extra, message, tiny_checkpoint, mis
     extra = [mismatched_adapter if item == "MISMATCH" else item for item in extra]
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(_args(tiny_checkpoint("olmoe"), tmp_path / "out", *extra))
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    if exit_info.value.code == 2:  # argparse's own checks (types, choices): its usage line + error line
+        assert "invalid choice" in message or "positive integer" in message
+    else:  # ours: exactly one line
+        assert exit_info.value.code == 1 and err.splitlines() == [f"error: {err.splitlines()[0][7:]}"], err
 
 
 def test_missing_model_directory_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(_args("./no-such-model", tmp_path, "--tasks", "demo"))
-    assert "model directory ./no-such-model does not exist" in capsys.readouterr().err
+    assert "--model ./no-such-model: no such directory" in capsys.readouterr().err
 
 
 def test_command_line_entry_point_reports_errors():
     result = subprocess.run([sys.executable, "-m", "perft_qlora.evaluate", "--model", "m", "--tasks", "nope"],
                             capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 2 and "unknown task(s) nope" in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: unknown task(s) nope; choose")
+    assert "kernels-community" not in result.stderr and "Traceback" not in result.stderr

@@ -114,7 +114,7 @@ def test_committed_notebook_is_clean(name):
 
 def test_quickstart_trains_evaluates_and_shows_the_results(quickstart):
     nb, out = quickstart
-    assert sorted(os.listdir(out / "train" / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(out / "train" / "adapter")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert (out / "train" / "base" / "config.json").is_file()
     with open(out / "train" / "adapter" / "adapter_config.json") as handle:
         assert json.load(handle)["perft"]["variant"] == "perft"

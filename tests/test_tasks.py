@@ -117,7 +117,7 @@ def test_jsonl_test_file(tmp_path):
 
 def test_protocols_build_the_released_prompts():
     row = {"instruction": "Is ice cold?", "input": ""}
-    perft, llm_adapters = PROTOCOLS["perft"], PROTOCOLS["llm-adapters"]
+    perft, llm_adapters = PROTOCOLS["perft"].with_template("alpaca"), PROTOCOLS["llm-adapters"].with_template("alpaca")
     expected_end = "### Instruction:\nIs ice cold?\n\n### Response:\nthe correct answer is"
     assert perft.prompt("commonsense", row).endswith(expected_end)
     assert perft.prompt("math", row).endswith("### Response:\n")

@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 from perft_qlora import load_adapter, load_model
 from perft_qlora.backends import BackendUnavailableError, get_backend
 from perft_qlora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from perft_qlora.cli import UsageError
 from perft_qlora.train import main, run
 from perft_qlora.train_options import DEMO_PRESETS, parse_args
 from perft_qlora.trainer import PerftSFTTrainer
@@ -41,10 +42,15 @@ def test_demo_loss_falls_and_the_best_adapter_is_written(demo_run):
     assert losses[-1] < losses[0] - 1.0, losses
     evals = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
     assert len(evals) == 3 and evals[-1] < evals[0]
-    assert sorted(os.listdir(out / "adapter")) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(os.listdir(out / "adapter")) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
     with open(out / "adapter" / CONFIG_NAME) as handle:
         meta = json.load(handle)
     assert meta["perft"]["variant"] == "perft" and meta["extra"]["training"]["data"] == DEMO_PRESETS["data"]
+    assert meta["extra"]["training"]["template"] == "released"
+    card = (out / "adapter" / "README.md").read_text()  # our model card, not TRL's ("[None](https://...None)")
+    assert "None" not in card and str(out / "base") in card and "| prompt template | `released` |" in card
+    assert "| variant | `perft` |" in card and f"| best eval loss | {trainer.state.best_metric:.4g} |" in card
+    assert "load_adapter(model" in card and (out / "README.md").read_text().startswith("# perft adapter for")
     checkpoint = out / "checkpoint-45"
     assert {"optimizer.pt", "scheduler.pt", "trainer_state.json", WEIGHTS_NAME} <= set(os.listdir(checkpoint))
     assert not any(name.startswith("model") for name in os.listdir(checkpoint))  # no base weights in checkpoints
@@ -69,6 +75,19 @@ def test_demo_logs_both_balance_losses_throughput_memory_and_routing(demo_run):
         assert key in entry, key
     assert entry["tokens_per_second"] > 0 and 1.0 <= entry["routing/L0_imbalance"] <= 4.0
     assert "eval_perft_aux_loss" in [k for e in trainer.state.log_history for k in e]
+
+
+def test_console_shows_one_bar_and_aligned_eval_lines_not_raw_dicts(tmp_path, capsys):
+    main(["--demo", "--output-dir", str(tmp_path), "--max-steps", "4", "--eval-steps", "2", "--save-steps", "2",
+          "--logging-steps", "1", "--batch-size", "4", "--max-length", "128"])
+    err = capsys.readouterr().err
+    assert "{'loss'" not in err and "'eval_loss'" not in err and "Tokenizing train dataset" not in err
+    evals = [line[line.index("eval  step"):] for line in err.splitlines() if "eval  step" in line]
+    assert len(evals) == 2 and evals[0].index("loss") == evals[1].index("loss")  # aligned columns
+    assert "loss=" in err and "lr=" in err and "tok/s=" in err  # the bar's postfix
+    trainer = run(quick_args(tmp_path / "again", "--max-steps", "1"))
+    kinds = {type(c).__name__ for c in trainer.callback_handler.callbacks}
+    assert "TrainingProgress" in kinds and not kinds & {"ProgressCallback", "PrinterCallback"}
 
 
 def test_perft_balance_loss_is_added_to_the_training_loss(tmp_path):
@@ -135,18 +154,28 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), (step, got, expected)
 
 
-def test_existing_checkpoints_need_resume_or_overwrite(tmp_path):
+def test_existing_runs_need_resume_or_overwrite_and_demo_removes_only_its_own(tmp_path, capsys):
     plain = ["--output-dir", str(tmp_path), "--max-steps", "1", "--save-steps", "1", "--val-size", "0",
              "--batch-size", "4", "--max-length", "128", "--model", "m", "--data", "d.json"]
     run(quick_args(tmp_path, "--max-steps", "1", "--save-steps", "1"))
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="pass --resume"):
+    with pytest.raises(UsageError, match="pass --resume"):
         run(parse_args(plain))  # without --demo nothing is overwritten by default
-    again = run(quick_args(tmp_path, "--max-steps", "1", "--save-steps", "1"))  # --demo starts over by itself
+    capsys.readouterr()
+    again = run(quick_args(tmp_path, "--max-steps", "1", "--save-steps", "1"))  # a previous demo's directory
     assert again.state.global_step == 1 and (tmp_path / "checkpoint-1").is_dir()
-    assert (tmp_path / "notes.txt").read_text() == "mine"  # only checkpoint-* dirs are removed
-    with pytest.raises(SystemExit, match="no checkpoint"):
+    assert "--demo (a previous demo run): removing checkpoint-1/, adapter/, base/ from" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only what the demo wrote is removed
+    with pytest.raises(UsageError, match="no checkpoint"):
         run(quick_args(tmp_path / "empty", "--resume"))
+    other = tmp_path / "other-run"  # checkpoints and an adapter that no --demo wrote
+    (other / "checkpoint-80").mkdir(parents=True)
+    (other / "adapter").mkdir()
+    with pytest.raises(UsageError, match=r"earlier run \(checkpoint-80/, adapter/\) \(it was not written by --demo\)"):
+        run(quick_args(other, "--max-steps", "1"))
+    assert (other / "checkpoint-80").is_dir() and (other / "adapter").is_dir()
+    run(quick_args(other, "--max-steps", "1", "--overwrite"))
+    assert not (other / "checkpoint-80").exists() and "--overwrite: removing checkpoint-80/, adapter/" in capsys.readouterr().err
 
 
 def test_options_precedence_cli_over_file_over_demo_presets(tmp_path):

@@ -1,11 +1,17 @@
 """``python -m perft_qlora.bench <command> [options]``: one benchmark per command.
 
-Add a command by adding a row to ``COMMANDS``: its module must define ``main(argv) -> int``.
+Add a command by adding a row to ``COMMANDS``: its module must define ``main(argv) -> int``. Errors end as
+one ``error:`` line (``--debug`` for the traceback); ``kernels --smoke`` on a machine without CUDA sets
+``TRITON_INTERPRET=1`` itself, before Triton is imported.
 """
 
 from __future__ import annotations
 
+from ..cli import error_path  # first: quiets bitsandbytes' import-time notice (see cli.py)
+
+# isort: split
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -17,21 +23,34 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: python -m perft_qlora.bench <command> [options]", "", "commands:"]
+    lines = ["usage: python -m perft_qlora.bench <command> [options] [--debug]", "", "commands:"]
     lines += [f"  {name:<10} {about}" for name, (_, about) in COMMANDS.items()]
     return "\n".join(lines + ["", "python -m perft_qlora.bench <command> --help for its options"])
 
 
+def _interpret_triton_on_cpu(command: str, argv: list[str]) -> None:
+    """``kernels --smoke`` without CUDA runs Triton's interpreter, which must be chosen before Triton is imported."""
+    if command == "kernels" and "--smoke" in argv:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [item for item in argv if item != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
     if argv[0] not in COMMANDS:
-        print(f"unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"error: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:])
+    _interpret_triton_on_cpu(argv[0], argv[1:])
+    with error_path(debug, on_interrupt=lambda: "nothing was saved (results are written when a run finishes)"):
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+        return module.main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..cli import HelpFormatter
 from ..kernels import (
     backend_choices,
     grouped_nf4_expert_mlp,
@@ -235,12 +236,13 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m perft_qlora.bench kernels", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m perft_qlora.bench kernels", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--models", default="olmoe,mixtral", help="comma-separated layer shapes: olmoe, mixtral")
     parser.add_argument("--tokens", default="1,16,512,4096", help="comma-separated token counts (before top-K)")
     parser.add_argument("--parts", default="mlp,adapter", help="mlp, adapter or both")
-    parser.add_argument("--out", help="also write the rows as JSON here (atomically)")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
+    parser.add_argument("--out", help="also write the rows as JSON here, atomically (default: print only)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes to check this script; on a CPU it sets TRITON_INTERPRET=1 itself")
     return parser
 
 

@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from ..cli import HelpFormatter
 from ..memory import peak_memory_bytes
 from .random_checkpoint import ARCHES, arch_config, write_random_checkpoint
 
@@ -168,21 +169,24 @@ def render(rows: list[dict]) -> str:
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m perft_qlora.bench train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--arch", default="tiny", choices=sorted(ARCHES), help="shapes to build (default: %(default)s)")
-    p.add_argument("--num-layers", type=int, default=None, help="cut the model to this many decoder layers")
+    p.add_argument("--num-layers", type=int, default=None, help="cut the model to this many decoder layers (default: all of the architecture's)")
     p.add_argument("--batch", type=int, default=16, help="sequences per step (default: %(default)s)")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence (default: %(default)s)")
-    p.add_argument("--variant", default="perft", choices=("perft", "perft_e", "perft_d", "perft_s"))
+    p.add_argument("--variant", default="perft", choices=("perft", "perft_e", "perft_d", "perft_s"),
+                   help="PERFT variant of the perft_qlora setup (default: %(default)s)")
     p.add_argument("--num-experts", type=int, default=4, help="M (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=2, help="K' (default: %(default)s)")
     p.add_argument("--bottleneck", type=int, default=16, help="DB (default: %(default)s)")
-    p.add_argument("--baseline", default="none", help=f"comma list of {', '.join(SETUPS[1:])}, or none")
+    p.add_argument("--baseline", default="none", help=f"comma list of {', '.join(SETUPS[1:])}, or none (default: %(default)s)")
     p.add_argument("--steps", type=int, default=8, help="timed steps (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed first steps (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "perft_qlora", "bench"))
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where each setup trains: cuda, cuda:1, cpu ... (default: cuda when available, else cpu)")
+    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "perft_qlora", "bench"),
+                   help="where the random-weight checkpoint is written once and reused (default: %(default)s)")
+    p.add_argument("--out", default=None, help="write the results as JSON here (default: print only)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one setup in this process
     return p
 

@@ -1,0 +1,64 @@
+"""The adapter's model card (``README.md``): what was trained, on what, how well, and how to load it.
+
+``PerftSFTTrainer`` writes it instead of TRL's automatic card (whose base model reads ``None`` for a local
+model): into ``--output-dir`` and beside every saved PERFT adapter.
+"""
+
+from __future__ import annotations
+
+CARD_NAME = "README.md"
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return f"`{value}`" if isinstance(value, str) else str(value)
+
+
+def render_model_card(metadata: dict, perft: dict | None, report=None, adapter_dir: str = "ADAPTER_DIR") -> str:
+    """Markdown for an adapter trained with ``metadata`` (the run's ``extra.training``: base model, data, template,
+    steps, best eval loss), ``perft`` (``PerftConfig.to_dict()``, None for the LoRA baseline) and ``report``
+    (a ``model.ParameterReport``)."""
+    base = metadata.get("base_model") or "BASE_MODEL"
+    variant = metadata.get("variant") or (perft or {}).get("variant", "lora")
+    lines = [
+        f"# {variant} adapter for {base}",
+        "",
+        ("Routed PEFT experts (PERFT, arXiv 2508.02587) trained with perft_qlora on an NF4 base model. Only the "
+         "adapter is stored here (`adapter_config.json` + `adapter_model.safetensors`), not the base weights."),
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | {_fmt(base)} |",
+        f"| variant | {_fmt(variant)} |",
+    ]
+    if perft:
+        knobs = ", ".join(f"{k}={v}" for k, v in perft.items() if k != "variant" and v is not None)
+        lines.append(f"| knobs | {knobs} |")
+    if report is not None:
+        lines += [f"| trainable parameters | {report.trainable:,} |",
+                  (f"| activated per token | {report.trainable_per_token:,} ({report.activated_ratio:.4%} of the "
+                   f"backbone's {report.backbone_per_token:,}) |")]
+    lines += [
+        f"| data | {_fmt(metadata.get('data'))} |",
+        f"| prompt template | {_fmt(metadata.get('template'))} |",
+        f"| steps | {_fmt(metadata.get('global_step'))} (epoch {_fmt(metadata.get('epoch'))}) |",
+        f"| best eval loss | {_fmt(metadata.get('best_eval_loss'))} |",
+        f"| seed | {_fmt(metadata.get('seed'))} |",
+        "",
+        "## Load it",
+        "",
+        "```python",
+        "from perft_qlora import load_adapter, load_model",
+        "",
+        f'model, tokenizer = load_model("{base}")  # NF4, experts included',
+        f'load_adapter(model, "{adapter_dir}")',
+        "```",
+        "",
+        (f"Evaluate: `python -m perft_qlora.evaluate --model {base} --adapter {adapter_dir} --tasks commonsense` "
+         f"(prompts use the adapter's `{metadata.get('template') or 'released'}` template)."),
+        "",
+    ]
+    return "\n".join(lines)
