@@ -161,3 +161,23 @@ def test_missing_directory_or_weights_are_clear_errors(tmp_path, monkeypatch):
 def test_bad_quantize_argument(tiny_checkpoint):
     with pytest.raises(ValueError, match="quantize must be"):
         load_model(tiny_checkpoint("olmoe"), quantize="int8")
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_linear4bit_weights_are_bitsandbytes_bytes_of_the_checkpoint_tensor(tiny_checkpoint, double_quant):
+    directory = tiny_checkpoint("olmoe")
+    model, _ = load_model(directory, device="cpu", progress=False, double_quant=double_quant)
+    ref = _reference(directory)
+    h = torch.randn(3, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    for name in ("q_proj", "o_proj"):
+        ours = getattr(model.model.layers[1].self_attn, name)
+        dense = getattr(ref.model.layers[1].self_attn, name).weight.data
+        packed, state = bnbF.quantize_4bit(dense, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+        assert torch.equal(ours.weight.data, packed) and torch.equal(ours.weight.quant_state.absmax, state.absmax)
+        expected = bnb.nn.Linear4bit(64, dense.shape[0], bias=False, compute_dtype=torch.bfloat16,
+                                     compress_statistics=double_quant, quant_type="nf4")
+        expected.weight = bnb.nn.Params4bit(dense, requires_grad=False, compress_statistics=double_quant,
+                                            quant_type="nf4", module=expected).to("cpu")
+        expected.support_avx512bf16_for_cpu = False
+        with torch.no_grad():
+            assert torch.equal(ours(h), expected(h))
