@@ -53,6 +53,8 @@ class HostPeakReport:
     """Largest sampled file-backed resident set (mapped checkpoint pages, shared libraries)."""
     start: int | None = None
     """Resident set when the span began (interpreter, libraries, everything loaded earlier)."""
+    start_anon: int | None = None
+    start_file: int | None = None
     end: int | None = None
     """Resident set when the span ended."""
 
@@ -73,7 +75,7 @@ class HostPeak:
         first = read_status()
         if first is None:
             return self
-        self.report.start = first["rss"]
+        self.report.start, self.report.start_anon, self.report.start_file = first["rss"], first["anon"], first["file"]
         self._record(first)
         self._thread = threading.Thread(target=self._run, name="host-peak-sampler", daemon=True)
         self._thread.start()

@@ -16,11 +16,11 @@ BAR_FORMAT = "{desc} {postfix} | {n:.2f}/{total:.2f} GiB |{bar}| {elapsed}<{rema
 
 
 class LoadProgress:
-    def __init__(self, total_bytes: int, num_layers: int, enabled: bool = True, desc: str = "loading NF4"):
+    def __init__(self, total_bytes: int, num_layers: int, enabled: bool = True, desc: str = "loading NF4", file=None):
         self.num_layers = num_layers
         self._lock = threading.Lock()
         self.bar = tqdm(total=total_bytes / GIB, unit="GiB", desc=desc, bar_format=BAR_FORMAT,
-                        postfix=f"layer 0/{num_layers}", disable=None if enabled else True)
+                        postfix=f"layer 0/{num_layers}", disable=None if enabled else True, file=file)
 
     def read(self, nbytes: int) -> None:
         with self._lock:
