@@ -10,8 +10,11 @@ Linux only; elsewhere every figure is ``None``.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
 from dataclasses import dataclass
+from functools import cache
 
 _FIELDS = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem", "VmRSS": "rss", "VmHWM": "hwm"}
 
@@ -39,6 +42,28 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+@cache
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release_free_heap() -> bool:
+    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``); False where there is no glibc.
+
+    Buffers below glibc's mmap threshold (which grows to 32 MiB as large blocks are freed) come from the
+    heap; once freed, pages under a still-live block stay resident and count as the process's own memory.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
 
 
 @dataclass

@@ -43,7 +43,8 @@ class LoadReport:
     def __str__(self) -> str:
         h = self.host
         device = "" if self.device_peak is None else f"; device peak {_gib(self.device_peak)}"
-        return (f"loaded {_gib(self.bytes_read)} in {self.seconds:.1f} s (CPU: user {self.user_s:.1f} s, sys "
+        read = f" {_gib(self.bytes_read)}" if self.bytes_read else ""
+        return (f"loaded{read} in {self.seconds:.1f} s (CPU: user {self.user_s:.1f} s, sys "
                 f"{self.sys_s:.1f} s, {self.threads} threads); host peak {_gib(h.peak)} (anonymous {_gib(h.peak_anon)}, "
                 f"file-backed {_gib(h.peak_file)}; {_gib(h.start)} before loading, {_gib(h.end)} after){device}")
 

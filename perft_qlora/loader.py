@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from .arch import MoEArch, decoder_layers, get_arch
 from .checkpoint_reader import CheckpointReader
 from .expert_stream import WHICH, ExpertStream, expert_chunks
+from .host_memory import release_free_heap
 from .load_progress import LoadProgress
 from .load_report import LoadMeter
 from .nf4_experts import NF4Experts
@@ -122,6 +123,7 @@ def _load_nf4(directory, config, arch: MoEArch, device, dtype, double_quant, pro
             for i, layer in enumerate(layers):
                 _load_layer(layer, i, reader, stream, arch, device, dtype, double_quant)
                 reader.close_finished()  # no file of a finished layer stays open
+                release_free_heap()  # freed chunks and float32 scales back to the OS, not kept as heap holes
                 bar.layer_done(i)
                 meter.sample()
         finally:
