@@ -264,3 +264,24 @@ def test_progress_bar_counts_layers_and_gib_and_is_quiet_off_a_terminal(tiny_che
     assert "layer 2/2" in text and "3.00/3.00 GiB" in text and "<" in text  # elapsed<ETA
     load_model(tiny_checkpoint("olmoe"), device="cpu", progress=True)  # pytest's stderr is no terminal
     assert "loading NF4" not in capsys.readouterr().err
+
+
+def test_load_report_and_bench_load_give_time_cpu_and_host_peaks(tiny_checkpoint):
+    from perft_qlora.bench.load import measure_load, render
+
+    directory = tiny_checkpoint("olmoe")
+    model, _ = load_model(directory, device="cpu", progress=False)
+    report = model.load_report
+    weights_file = os.path.join(directory, "model.safetensors")
+    assert report.bytes_read == os.path.getsize(weights_file) - _header_bytes(weights_file)  # each byte read once
+    assert report.host.peak >= report.host.start > 0 and report.host.peak_anon > 0 and report.device_peak is None
+    assert "host peak" in str(report) and "file-backed" in str(report)
+    rows = [measure_load(setup, directory, "cpu") for setup in ("perft_qlora", "hf-bf16")]
+    for row in rows:
+        assert row["host_peak_gib"] >= row["host_start_gib"] > 0 and row["weights_gib"] > 0 and row["user_s"] >= 0
+    assert "perft_qlora" in render(rows) and "hf-bf16" in render(rows)
+
+
+def _header_bytes(path: str) -> int:
+    with open(path, "rb") as handle:
+        return 8 + int.from_bytes(handle.read(8), "little")
