@@ -2,10 +2,11 @@
 
 The loader quantizes chunk ``n`` while this thread reads chunk ``n + 1`` (``preadv`` releases the GIL, the
 quantizer's torch ops too), so disk and CPU overlap. Chunks hold about ``chunk_bytes`` of checkpoint data
-(at least one expert, at most an eighth of the tensor) and the queue holds ``depth`` of them, so the host holds ``depth + 2`` chunks at
-most (queued, being read, being quantized) whatever the model's size. Both checkpoint layouts are read:
-transformers-5 fused ``experts.gate_up_proj`` ``(E, 2I, H)`` / ``experts.down_proj`` ``(E, H, I)`` row
-ranges, and per-expert hub tensors (``experts.{e}.gate_proj`` ...), read straight into the chunk's rows.
+(at least one expert, at most an eighth of the tensor) and the queue holds ``depth`` of them, so the host
+holds ``depth + 2`` chunks at most (queued, being read, being quantized) whatever the model's size. Both
+checkpoint layouts are read: transformers-5 fused ``experts.gate_up_proj`` ``(E, 2I, H)`` /
+``experts.down_proj`` ``(E, H, I)`` row ranges, and per-expert hub tensors (``experts.{e}.gate_proj`` ...),
+read straight into the chunk's rows.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def expert_chunks(reader: CheckpointReader, arch: MoEArch, shapes: list[dict[str
             step = max(1, min(chunk_bytes // per_expert, shape[0] // 8))  # and 8+ chunks a tensor
             for start in range(0, shape[0], step):
                 stop = min(shape[0], start + step)
-                yield ExpertChunk(layer, which, start, read_expert_chunk(reader, prefix, arch, which, start, stop, shape))
+                tensor = read_expert_chunk(reader, prefix, arch, which, start, stop, shape)
+                yield ExpertChunk(layer, which, start, tensor)
 
 
 class _Failed:
@@ -112,7 +114,7 @@ class ExpertStream:
                 if not self._put(item):
                     return
             self._put(_END)
-        except BaseException as error:  # handed to the consumer, raised there
+        except BaseException as error:  # noqa: BLE001  (handed to the consumer, raised there)
             self._put(_Failed(error))
 
     def __iter__(self) -> ExpertStream:

@@ -45,7 +45,8 @@ class LoadReport:
         device = "" if self.device_peak is None else f"; device peak {_gib(self.device_peak)}"
         read = f" {_gib(self.bytes_read)}" if self.bytes_read else ""
         return (f"loaded{read} in {self.seconds:.1f} s (CPU: user {self.user_s:.1f} s, sys "
-                f"{self.sys_s:.1f} s, {self.threads} threads); host peak {_gib(h.peak)} (anonymous {_gib(h.peak_anon)}, "
+                f"{self.sys_s:.1f} s, {self.threads} threads); host peak {_gib(h.peak)} "
+                f"(anonymous {_gib(h.peak_anon)}, "
                 f"file-backed {_gib(h.peak_file)}; {_gib(h.start)} before loading, {_gib(h.end)} after){device}")
 
 

@@ -50,7 +50,8 @@ def quantize_nf4_cpu(weight: torch.Tensor, blocksize: int = 64) -> tuple[torch.T
     for start in range(0, n, step):
         part = flat[start : start + step]
         stop = start + part.numel()
-        _quantize_slab(part, packed[start // 2 : stop // 2], absmax[start // blocksize : stop // blocksize], blocksize, scratch)
+        blocks = slice(start // blocksize, stop // blocksize)
+        _quantize_slab(part, packed[start // 2 : stop // 2], absmax[blocks], blocksize, scratch)
     return packed, absmax
 
 

@@ -10,10 +10,10 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
+from alloc_tracker import AllocationTracker
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from alloc_tracker import AllocationTracker
 from perft_qlora import UnsupportedArchitectureError, load_model, memory_report
 from perft_qlora.checkpoint_reader import CheckpointReader
 from perft_qlora.load_progress import LoadProgress
@@ -196,7 +196,8 @@ import perft_qlora.loader  # imports are not loading
 with HostPeak() as host:
     model, _ = load_model(directory, device="cpu", progress=False)
 maps = open("/proc/self/maps").read()
-fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")]
+fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+       if os.path.exists(f"/proc/self/fd/{fd}")]
 report = getattr(model, "load_report", None)
 print(json.dumps({
     "host": host.report.__dict__, "final": memory_report(model).total,

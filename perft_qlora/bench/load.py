@@ -42,7 +42,8 @@ def _load(setup: str, path: str, device: str):
     if setup == "hf-qlora":
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16, device_map=device)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                device_map=device)
 
 
 def measure_load(setup: str, path: str, device: str) -> dict:
@@ -61,7 +62,6 @@ def measure_load(setup: str, path: str, device: str) -> dict:
     after = resource.getrusage(resource.RUSAGE_SELF)
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     r = host.report
-    gib = lambda n: None if n is None else n / GIB  # noqa: E731
     return {
         "setup": setup, "load_s": seconds, "user_s": after.ru_utime - before.ru_utime,
         "sys_s": after.ru_stime - before.ru_stime, "host_peak_gib": gib(r.peak), "host_peak_anon_gib": gib(r.peak_anon),
@@ -69,6 +69,10 @@ def measure_load(setup: str, path: str, device: str) -> dict:
         "device_peak_gib": gib(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None,
         "weights_gib": weights / GIB, "threads": torch.get_num_threads(),
     }
+
+
+def gib(n: int | None) -> float | None:
+    return None if n is None else n / GIB
 
 
 def render(rows: list[dict]) -> str:
@@ -81,7 +85,8 @@ def render(rows: list[dict]) -> str:
             continue
         dev = "-" if r["device_peak_gib"] is None else f"{r['device_peak_gib']:.2f} G"
         lines.append(f"{r['setup']:<12} {r['load_s']:>8.1f} {r['user_s']:>8.1f} {r['sys_s']:>7.1f} "
-                     f"{r['host_peak_gib']:>8.2f} G {r['host_peak_anon_gib']:>5.2f} G {r['host_peak_file_gib']:>5.2f} G "
+                     f"{r['host_peak_gib']:>8.2f} G {r['host_peak_anon_gib']:>5.2f} G "
+                     f"{r['host_peak_file_gib']:>5.2f} G "
                      f"{dev:>8} {r['weights_gib']:>6.2f} G")
     return "\n".join(lines)
 

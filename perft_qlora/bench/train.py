@@ -159,7 +159,8 @@ def render(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"{r['setup']:<12} failed: {r['error']}")
             continue
-        lines.append(f"{r['setup']:<12} {r['load_s']:>8.1f} {r['load_peak_gib']:>8.2f} G {r['load_host_anon_gib']:>8.2f} G "
+        lines.append(f"{r['setup']:<12} {r['load_s']:>8.1f} {r['load_peak_gib']:>8.2f} G "
+                     f"{r['load_host_anon_gib']:>8.2f} G "
                      f"{r['load_host_file_gib']:>8.2f} G {r['weights_gib']:>7.2f} G "
                      f"{r['train_peak_gib']:>9.2f} G {r['tokens_per_s']:>10,.0f}")
     return "\n".join(lines)
