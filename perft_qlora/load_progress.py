@@ -12,7 +12,7 @@ import threading
 from tqdm.auto import tqdm
 
 GIB = 2**30
-BAR_FORMAT = "{desc} {postfix} | {n:.2f}/{total:.2f} GiB |{bar}| {elapsed}<{remaining}, {rate_fmt}"
+BAR_FORMAT = "{desc}{postfix} | {n:.2f}/{total:.2f} GiB |{bar}| {elapsed}<{remaining}, {rate_fmt}"
 
 
 class LoadProgress:
