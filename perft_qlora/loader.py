@@ -28,8 +28,7 @@ from .arch import MoEArch, decoder_layers, get_arch
 from .checkpoint_reader import CheckpointReader
 from .expert_stream import WHICH, ExpertStream, expert_chunks
 from .host_memory import release_free_heap
-from .load_progress import LoadProgress
-from .load_report import LoadMeter
+from .load_report import LoadMeter, LoadProgress
 from .nf4_experts import NF4Experts
 from .nf4_quantize import NF4Stack
 from .quant_guard import disable_cpu_weight_repacking

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from perft_qlora import UnsupportedArchitectureError, load_model, memory_report
 from perft_qlora.checkpoint_reader import CheckpointReader
-from perft_qlora.load_progress import LoadProgress
+from perft_qlora.load_report import LoadProgress
 from perft_qlora.memory import count_values
 from perft_qlora.nf4_experts import NF4Experts
 from perft_qlora.tiny import save_tiny_model
