@@ -4,33 +4,40 @@ How it loads: the model is built on the ``meta`` device (no memory), its decoder
 modules (attention, shared experts, dense MLP layers) become bitsandbytes ``Linear4bit`` (NF4), except a
 family's ``keep_dense`` ones, and its fused routed experts become
 :class:`~perft_qlora.nf4_experts.NF4Experts`. Then the checkpoint is streamed one decoder layer at a
-time: each tensor is read from the safetensors files, moved to the device, quantized there if it is big,
-and its bf16 copy dropped. Peak memory while loading is the final NF4 footprint plus one expert matrix (or
-one layer's small tensors) in bf16. Embeddings, norms, routers and ``lm_head`` stay in the compute dtype
-(the router must be exact for PERFT-E), or in float32 where the model class keeps it (DeepSeek's router).
+time: every tensor is read by file offset into a fresh buffer (no memory map: nothing the model keeps pins
+a shard, and no page of a shard stays resident), experts in chunks of whole experts that a background
+thread reads one ahead (:mod:`~perft_qlora.expert_stream`) while the current chunk is quantized on the
+device (:class:`~perft_qlora.nf4_quantize.NF4Stack`) and dropped. Host memory while loading is the final
+host-resident footprint plus a few chunks (tens of MiB each) and one layer's small tensors in bf16.
+Embeddings, norms, routers and ``lm_head`` stay in the compute dtype (the router must be exact for
+PERFT-E), or in float32 where the model class keeps it (DeepSeek's router). ``model.load_report`` (:class:`~perft_qlora.load_report.LoadReport`) says what the load cost.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Literal
 
 import bitsandbytes as bnb
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .arch import MoEArch, decoder_layers, get_arch
 from .checkpoint_reader import CheckpointReader
-from .nf4 import NF4Weight
+from .expert_stream import WHICH, ExpertStream, expert_chunks
+from .host_memory import release_free_heap
+from .load_report import LoadMeter, LoadProgress
 from .nf4_experts import NF4Experts
+from .nf4_quantize import NF4Stack
 from .quant_guard import disable_cpu_weight_repacking
 
 logger = logging.getLogger(__name__)
 
 BLOCKSIZE = 64
+CHUNK_BYTES = 64 * 2**20  # checkpoint bytes of experts read (and quantized) at a time, at least one expert
 
 
 def load_model(
@@ -61,10 +68,13 @@ def load_model(
     arch = get_arch(config)  # fail on unsupported families before touching weights
     _refuse_prequantized(config, name_or_path)
     tokenizer = _load_tokenizer(directory)
-    if quantize == "none":
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map={"": device})
-    else:
-        model = _load_nf4(directory, config, arch, device, dtype, double_quant, progress)
+    with LoadMeter(device) as meter:
+        if quantize == "none":
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map={"": device})
+        else:
+            model = _load_nf4(directory, config, arch, device, dtype, double_quant, progress, meter)
+    model.load_report = meter.report
+    logger.info("%s", meter.report)
     model.name_or_path = name_or_path
     model.config._name_or_path = name_or_path
     model.requires_grad_(False)
@@ -111,29 +121,56 @@ def _load_tokenizer(directory: str):
     return tokenizer
 
 
-def _load_nf4(directory, config, arch: MoEArch, device, dtype, double_quant, progress):
+def _load_nf4(directory, config, arch: MoEArch, device, dtype, double_quant, progress, meter: LoadMeter):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = decoder_layers(model)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     with CheckpointReader(directory) as reader:
-        _load_tensors(model, "", reader, device, dtype, arch, skip_prefix="model.layers.", optional=tied)
-        for i, layer in enumerate(tqdm(layers, desc="loading NF4 layers", disable=not progress)):
-            prefix = f"model.layers.{i}."
-            moe = getattr(layer, arch.moe_block)
-            if arch.is_moe_block(moe):  # some families keep dense MLP layers (Qwen's mlp_only_layers)
-                experts = getattr(moe, arch.experts)
-                loaded = _load_experts(reader, prefix, arch, experts, device, dtype, double_quant, config.hidden_act)
-                setattr(moe, arch.experts, loaded)
-            _replace_linears(layer, device, dtype, double_quant, keep=arch.keep_dense)
-            _load_tensors(layer, prefix, reader, device, dtype, arch)
+        bar = LoadProgress(reader.total_bytes, len(layers), enabled=progress)
+        reader.on_read = bar.read
+        stream = ExpertStream(expert_chunks(reader, arch, _expert_shapes(layers, arch), CHUNK_BYTES))
+        try:
+            _load_tensors(model, "", reader, device, dtype, arch, skip_prefix="model.layers.", optional=tied)
+            for i, layer in enumerate(layers):
+                _load_layer(layer, i, reader, stream, arch, device, dtype, double_quant, config.hidden_act)
+                reader.close_finished()  # no file of a finished layer stays open
+                release_free_heap()  # freed chunks and float32 scales back to the OS, not kept as heap holes
+                bar.layer_done(i)
+                meter.sample()
+        finally:
+            stream.close()
+            bar.close(complete=sys.exc_info()[0] is None)
         unused = [k for k in reader.keys() if k not in reader.used]
         if unused:
             logger.warning("checkpoint tensors not used by the model: %s", unused[:8])
+        meter.report.bytes_read = reader.bytes_read
     _tie_output_embeddings(model)
     _rebuild_meta_buffers(model, device)
     disable_cpu_weight_repacking(model)
     return model
+
+
+def _expert_shapes(layers, arch: MoEArch) -> list[dict[str, tuple[int, int, int]]]:
+    shapes = []
+    for layer in layers:
+        moe = getattr(layer, arch.moe_block)
+        if not arch.is_moe_block(moe):  # a dense MLP layer (Qwen's mlp_only_layers, DeepSeek's first layers)
+            shapes.append({})
+            continue
+        experts = getattr(moe, arch.experts)
+        shapes.append({which: tuple(getattr(experts, which).shape) for which in WHICH})
+    return shapes
+
+
+def _load_layer(layer, index: int, reader, stream, arch: MoEArch, device, dtype, double_quant, hidden_act) -> None:
+    prefix = f"model.layers.{index}."
+    moe = getattr(layer, arch.moe_block)
+    if arch.is_moe_block(moe):  # some families keep dense MLP layers (Qwen's mlp_only_layers)
+        experts = getattr(moe, arch.experts)
+        setattr(moe, arch.experts, _load_experts(stream, index, experts, device, dtype, double_quant, hidden_act))
+    _replace_linears(layer, device, dtype, double_quant, keep=arch.keep_dense)
+    _load_tensors(layer, prefix, reader, device, dtype, arch)
 
 
 def _checkpoint_keys(name: str, arch: MoEArch) -> list[str]:
@@ -177,10 +214,7 @@ def _load_tensors(root, prefix, reader, device, dtype, arch, skip_prefix=None, o
             continue
         value = value.to(device=device, dtype=stored_dtype(module, getattr(module, attr), value, dtype))
         if isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
-            module.weight = bnb.nn.Params4bit(
-                value, requires_grad=False, blocksize=BLOCKSIZE, compress_statistics=module.weight.compress_statistics,
-                quant_type="nf4", module=module,
-            ).to(device)  # Params4bit quantizes on its first move to a device
+            module.weight = _quantized_linear_weight(value, module, device, dtype)
         elif attr in module._parameters:
             module._parameters[attr] = nn.Parameter(value, requires_grad=False)
         else:
@@ -200,26 +234,33 @@ def stored_dtype(module: nn.Module, meta: torch.Tensor, value: torch.Tensor, dty
     return meta.dtype
 
 
-def _load_experts(reader, prefix, arch: MoEArch, experts, device, dtype, double_quant, hidden_act: str) -> NF4Experts:
-    num_experts = experts.gate_up_proj.shape[0]
-    fused = f"{prefix}{arch.moe_block}.{arch.experts}."
+def _quantized_linear_weight(value: torch.Tensor, module, device, dtype) -> bnb.nn.Params4bit:
+    """``Params4bit`` holding ``quantize_4bit(value)``'s bytes, quantized by the loader's fast path on the CPU."""
+    if value.numel() % BLOCKSIZE:  # a partial last block: bitsandbytes' own path (Params4bit quantizes on .to)
+        return bnb.nn.Params4bit(value, requires_grad=False, blocksize=BLOCKSIZE, quant_type="nf4", module=module,
+                                 compress_statistics=module.weight.compress_statistics).to(device)
+    stack = NF4Stack((1, *value.shape), dtype, device, BLOCKSIZE)
+    stack.add(value.unsqueeze(0))
+    state = stack.finish(module.weight.compress_statistics).quant_state()
+    state.shape = value.shape
+    weight = bnb.nn.Params4bit(
+        stack.packed, requires_grad=False, quant_state=state, blocksize=BLOCKSIZE,
+        compress_statistics=module.weight.compress_statistics, quant_type="nf4", module=module, bnb_quantized=True,
+    )
+    module.quant_state = state
+    return weight
 
-    def expert_matrices(which: str):
-        for e in range(num_experts):
-            if fused + which in reader:  # transformers-5 fused layout
-                weight = reader.get_row(fused + which, e)
-            elif which == "gate_up_proj":
-                gate_key, up_key, _ = (prefix + k.format(e=e) for k in arch.expert_checkpoint_keys)
-                weight = torch.cat([reader.get(gate_key), reader.get(up_key)], dim=0)  # (2I, H)
-            else:
-                weight = reader.get(prefix + arch.expert_checkpoint_keys[2].format(e=e))  # (H, I)
-            yield weight.to(device=device, dtype=dtype)
 
-    try:
-        gate_up = NF4Weight.from_experts(expert_matrices("gate_up_proj"), double_quant, BLOCKSIZE)
-        down = NF4Weight.from_experts(expert_matrices("down_proj"), double_quant, BLOCKSIZE)
-    except KeyError as err:
-        raise KeyError(f"checkpoint has no expert weights for {prefix} ({err})") from err
+def _load_experts(stream, index: int, experts, device, dtype, double_quant, hidden_act: str) -> NF4Experts:
+    """Quantize layer ``index``'s experts from ``stream``'s chunks into NF4 on ``device`` as they arrive."""
+    stacks = {which: NF4Stack(tuple(getattr(experts, which).shape), dtype, device, BLOCKSIZE) for which in WHICH}
+    while any(stack.filled < stack.shape[0] for stack in stacks.values()):
+        chunk = next(stream)
+        if chunk.layer != index or chunk.start != stacks[chunk.which].filled:
+            raise RuntimeError(f"expert chunk of layer {chunk.layer} {chunk.which}[{chunk.start}] out of order")
+        stacks[chunk.which].add(chunk.tensor)
+        del chunk
+    gate_up, down = (stacks[which].finish(double_quant) for which in WHICH)
     return NF4Experts(gate_up, down, hidden_act=hidden_act)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -9,11 +10,13 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
+from alloc_tracker import AllocationTracker
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from alloc_tracker import AllocationTracker
 from perft_qlora import UnsupportedArchitectureError, load_model, memory_report
+from perft_qlora.checkpoint_reader import CheckpointReader
+from perft_qlora.load_report import LoadProgress
 from perft_qlora.memory import count_values
 from perft_qlora.nf4_experts import NF4Experts
 from perft_qlora.tiny import save_tiny_model
@@ -161,3 +164,125 @@ def test_missing_directory_or_weights_are_clear_errors(tmp_path, monkeypatch):
 def test_bad_quantize_argument(tiny_checkpoint):
     with pytest.raises(ValueError, match="quantize must be"):
         load_model(tiny_checkpoint("olmoe"), quantize="int8")
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_linear4bit_weights_are_bitsandbytes_bytes_of_the_checkpoint_tensor(tiny_checkpoint, double_quant):
+    directory = tiny_checkpoint("olmoe")
+    model, _ = load_model(directory, device="cpu", progress=False, double_quant=double_quant)
+    ref = _reference(directory)
+    h = torch.randn(3, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    for name in ("q_proj", "o_proj"):
+        ours = getattr(model.model.layers[1].self_attn, name)
+        dense = getattr(ref.model.layers[1].self_attn, name).weight.data
+        packed, state = bnbF.quantize_4bit(dense, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+        assert torch.equal(ours.weight.data, packed) and torch.equal(ours.weight.quant_state.absmax, state.absmax)
+        expected = bnb.nn.Linear4bit(64, dense.shape[0], bias=False, compute_dtype=torch.bfloat16,
+                                     compress_statistics=double_quant, quant_type="nf4")
+        expected.weight = bnb.nn.Params4bit(dense, requires_grad=False, compress_statistics=double_quant,
+                                            quant_type="nf4", module=expected).to("cpu")
+        expected.support_avx512bf16_for_cpu = False
+        with torch.no_grad():
+            assert torch.equal(ours(h), expected(h))
+
+
+_LOAD_AND_MEASURE = """
+import json, os, sys
+import torch
+from perft_qlora.host_memory import HostPeak
+from perft_qlora import load_model, memory_report
+directory = sys.argv[1]
+import perft_qlora.loader  # imports are not loading
+with HostPeak() as host:
+    model, _ = load_model(directory, device="cpu", progress=False)
+maps = open("/proc/self/maps").read()
+fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+       if os.path.exists(f"/proc/self/fd/{fd}")]
+report = getattr(model, "load_report", None)
+print(json.dumps({
+    "host": host.report.__dict__, "final": memory_report(model).total,
+    "mapped": sum(directory in line for line in maps.splitlines()), "open": sum(directory in f for f in fds),
+    "own_peak": None if report is None else report.host.peak,
+}))
+"""
+
+
+@pytest.mark.slow
+def test_host_peak_at_real_widths_counts_mapped_pages_and_stays_within_final_plus_one_and_a_half_layers(tmp_path):
+    # OLMoE-1B-7B's widths (hidden 2048, intermediate 1024) with 8 experts and 4 layers (~400 MB on disk), loaded
+    # in a fresh process; /proc accounting: anonymous + file-backed resident pages, so a memory-mapped shard counts.
+    import subprocess
+    import sys
+
+    from perft_qlora.bench.random_checkpoint import arch_config, write_random_checkpoint
+
+    config = arch_config("olmoe-1b-7b", num_layers=4)
+    config.num_experts, config.vocab_size = 8, 1024
+    directory = write_random_checkpoint(config, str(tmp_path / "olmoe-widths"), progress=False)
+    done = subprocess.run([sys.executable, "-c", _LOAD_AND_MEASURE, directory], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    host = result["host"]
+    layer_bf16 = 8 * 3 * 2048 * 1024 * 2 + 4 * 2048 * 2048 * 2
+    assert result["mapped"] == 0 and result["open"] == 0  # nothing of a shard stays mapped or open
+    assert host["peak_file"] - host["start_file"] < 64 * 2**20  # checkpoint pages never become resident
+    assert host["peak"] <= host["start"] + result["final"] + 1.5 * layer_bf16
+    assert abs(result["own_peak"] - host["peak"]) < 64 * 2**20  # the loader's own report says the same
+
+
+def test_reader_reads_by_offset_and_closes_finished_shards(tmp_path):
+    a, b = torch.arange(12, dtype=torch.float32).reshape(3, 4), torch.ones(2, 5, dtype=torch.bfloat16)
+    save_file({"a": a}, str(tmp_path / "s1.safetensors"))
+    save_file({"b": b, "c": torch.zeros(1, dtype=torch.int64)}, str(tmp_path / "s2.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors", "c": "s2.safetensors"}}))
+    seen = []
+    with CheckpointReader(str(tmp_path), on_read=seen.append) as reader:
+        assert torch.equal(reader.get_rows("a", 1, 3), a[1:3]) and torch.equal(reader.get_row("a", 2), a[2])
+        assert torch.equal(reader.get("b"), b)
+        assert reader.open_files == 2 and reader.close_finished() == 1 and reader.open_files == 1  # s2: c unread
+        reader.get("c")
+        assert reader.close_finished() == 1 and reader.open_files == 0
+        assert reader.bytes_read == sum(seen) == 8 * 4 + 4 * 4 + 10 * 2 + 8
+        with pytest.raises(ValueError, match="cannot read a"):
+            reader.read_rows_into("a", 2, torch.empty(2, 4))  # past the end
+
+
+def test_progress_bar_counts_layers_and_gib_and_is_quiet_off_a_terminal(tiny_checkpoint, capsys):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    bar = LoadProgress(3 * 2**30, num_layers=2, file=screen)
+    bar.read(2**30)
+    bar.layer_done(0)
+    bar.read(2 * 2**30)
+    bar.layer_done(1)
+    bar.close()
+    text = screen.getvalue()
+    assert "layer 2/2" in text and "3.00/3.00 GiB" in text and "<" in text  # elapsed<ETA
+    load_model(tiny_checkpoint("olmoe"), device="cpu", progress=True)  # pytest's stderr is no terminal
+    assert "loading NF4" not in capsys.readouterr().err
+
+
+def test_load_report_and_bench_load_give_time_cpu_and_host_peaks(tiny_checkpoint):
+    from perft_qlora.bench.load import measure_load, render
+
+    directory = tiny_checkpoint("olmoe")
+    model, _ = load_model(directory, device="cpu", progress=False)
+    report = model.load_report
+    weights_file = os.path.join(directory, "model.safetensors")
+    assert report.bytes_read == os.path.getsize(weights_file) - _header_bytes(weights_file)  # each byte read once
+    assert report.host.peak >= report.host.start > 0 and report.host.peak_anon > 0 and report.device_peak is None
+    assert "host peak" in str(report) and "file-backed" in str(report)
+    rows = [measure_load(setup, directory, "cpu") for setup in ("perft_qlora", "hf-bf16")]
+    for row in rows:
+        assert row["host_peak_gib"] >= row["host_start_gib"] > 0 and row["weights_gib"] > 0 and row["user_s"] >= 0
+    assert "perft_qlora" in render(rows) and "hf-bf16" in render(rows)
+
+
+def _header_bytes(path: str) -> int:
+    with open(path, "rb") as handle:
+        return 8 + int.from_bytes(handle.read(8), "little")

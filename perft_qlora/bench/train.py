@@ -16,8 +16,10 @@ through the same TRL ``SFTTrainer`` loop on random tokens with activation checkp
 - ``bnb-param4``: the bf16 model with bitsandbytes' ``replace_parameter_4bit`` (NF4, double quant) on every
   fused expert tensor, grouped_mm, LoRA on attention (the strongest 4-bit path the libraries offer).
 
-Prints a table and writes JSON (``--out``): load seconds, peak memory while loading, weights in memory, peak
-memory while training, tokens/s. On a CPU the memory columns are the process's peak RSS.
+Prints a table and writes JSON (``--out``): load seconds (wall, and CPU user/system in the JSON), peak memory
+while loading (the device's on CUDA, else the host's) with the host peak split into anonymous and file-backed
+resident pages (mapped checkpoint pages count, as the OOM killer counts them), weights in memory, peak memory
+while training, tokens/s. On a CPU the training peak is the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import time
 import torch
 
 from ..cli import HelpFormatter
+from ..load_report import LoadMeter
 from ..memory import peak_memory_bytes
 from .random_checkpoint import ARCHES, arch_config, write_random_checkpoint
 
@@ -117,11 +120,9 @@ def run_setup(setup: str, path: str, args) -> dict:
 
     from ..trainer import PerftSFTTrainer
 
-    _reset_peak()
-    start = time.perf_counter()
-    model, tokenizer = build_model(setup, path, args)
-    load_seconds = time.perf_counter() - start
-    load_peak, weights = peak_memory_bytes()[1], _weights_bytes(model)
+    with LoadMeter(args.device) as meter:  # host peak as anonymous + file-backed pages, device peak
+        model, tokenizer = build_model(setup, path, args)
+    load, weights = meter.report, _weights_bytes(model)
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     rows = torch.randint(0, min(vocab, 256), (args.batch * (args.warmup + args.steps), args.seq), generator=generator)
@@ -142,7 +143,10 @@ def run_setup(setup: str, path: str, args) -> dict:
         trainer.train()
     step = statistics.median(timer.times[args.warmup:])
     return {
-        "setup": setup, "load_s": load_seconds, "load_peak_gib": load_peak / GIB, "weights_gib": weights / GIB,
+        "setup": setup, "load_s": load.seconds, "load_user_s": load.user_s, "load_sys_s": load.sys_s,
+        "load_peak_gib": (load.device_peak if load.device_peak is not None else load.host.peak) / GIB,
+        "load_host_peak_gib": load.host.peak / GIB, "load_host_anon_gib": load.host.peak_anon / GIB,
+        "load_host_file_gib": load.host.peak_file / GIB, "weights_gib": weights / GIB,
         "train_peak_gib": peak_memory_bytes()[1] / GIB, "step_s": step, "tokens_per_s": args.batch * args.seq / step,
         "steps_timed": len(timer.times) - args.warmup,
         "kernels": {"requested": os.environ.get("PERFT_QLORA_KERNELS", "auto"), **_kernel_choices()},
@@ -156,13 +160,16 @@ def _kernel_choices() -> dict:
 
 
 def render(rows: list[dict]) -> str:
-    head = f"{'setup':<12} {'load s':>8} {'load peak':>10} {'weights':>9} {'train peak':>11} {'tokens/s':>10}"
+    head = (f"{'setup':<12} {'load s':>8} {'load peak':>10} {'host anon':>10} {'host file':>10} {'weights':>9} "
+            f"{'train peak':>11} {'tokens/s':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['setup']:<12} failed: {r['error']}")
             continue
-        lines.append(f"{r['setup']:<12} {r['load_s']:>8.1f} {r['load_peak_gib']:>8.2f} G {r['weights_gib']:>7.2f} G "
+        lines.append(f"{r['setup']:<12} {r['load_s']:>8.1f} {r['load_peak_gib']:>8.2f} G "
+                     f"{r['load_host_anon_gib']:>8.2f} G "
+                     f"{r['load_host_file_gib']:>8.2f} G {r['weights_gib']:>7.2f} G "
                      f"{r['train_peak_gib']:>9.2f} G {r['tokens_per_s']:>10,.0f}")
     return "\n".join(lines)
 
