@@ -193,11 +193,11 @@ def test_malformed_training_rows_are_reported_and_skipped(tmp_path, capsys):
     rows = json.load(open(DEMO_PRESETS["data"]))[:12] + [{"instruction": "x"}, {"output": 3}]
     data = tmp_path / "rows.json"
     data.write_text(json.dumps(rows))
-    trainer = run(quick_args(tmp_path / "out", "--data", str(data), "--max-steps", "1"))
+    trainer = run(quick_args(tmp_path / "out", "--data", str(data), "--max-steps", "1", "--max-length", "16"))
     assert len(trainer.train_dataset) == 12
     err = capsys.readouterr().err
     assert "12 rows used, 2 skipped" in err and "row 13: missing or empty 'output'" in err
-    assert "12 of 12 examples checked are longer than --max-length 128" in err  # quick_args cuts them at 128
+    assert "12 of 12 examples checked are longer than --max-length 16" in err
 
 
 def test_unsloth_backend_fails_at_once_without_a_gpu():
