@@ -72,7 +72,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-split", default="train", help="split of a hub data set")
     g.add_argument("--val-size", type=int, default=120, help="rows held out (seed 42) for eval + best checkpoint; 0 = none")
     g.add_argument("--max-length", type=int, default=256, help="tokens per example (truncated; EOS appended)")
-    g.add_argument("--completion-only-loss", action="store_true", help="loss on the response only (recipe: whole sequence)")
+    g.add_argument("--completion-only-loss", default=False, action=argparse.BooleanOptionalAction,
+                   help="loss on the response only (recipe: whole sequence; --demo: on)")
     g = p.add_argument_group("training")
     g.add_argument("--output-dir", default="perft-out", help="checkpoints, logs and the final adapter (<dir>/adapter)")
     g.add_argument("--epochs", type=float, default=3.0, help="training epochs")
