@@ -76,3 +76,20 @@ def test_demo_takes_the_base_from_chance_to_90_percent(tmp_path):
     assert report.adapter_accuracy >= 0.90, report
     model, tokenizer = load_model(str(tmp_path / "base"), device="cpu", progress=False)
     assert held_out_accuracy(model, tokenizer, demo_rows(8))[0] <= 0.5  # the copied base is the untrained one
+    app_answers_like_the_table(tmp_path)
+
+
+def app_answers_like_the_table(demo_dir):
+    """The app's chat path (``ChatModel``, as ``apps/compare.py --demo`` uses it): adapter right, base wrong."""
+    from perft_qlora.chat import BASE, ChatModel, GenerationSettings
+    from perft_qlora.tasks import TASKS
+
+    chat = ChatModel.load(str(demo_dir / "base"), device="cpu")
+    chat.register_adapter("demo", str(demo_dir / "adapter"))
+    correct = {BASE: 0, "demo": 0}
+    rows = demo_rows(8)
+    for row in rows:
+        for name in correct:
+            *_, (history, _) = chat.respond(name, [], row["instruction"], GenerationSettings(16), context=row["input"])
+            correct[name] += TASKS["demo"].extract(history[-1]["content"]) == row["answer"]
+    assert correct["demo"] >= len(rows) - 1 and correct[BASE] <= 2, correct
