@@ -1,49 +1,28 @@
-"""The embedded demo data set: a small, deterministic yes/no task in the LLM-Adapters format.
+"""The demo task's data set: a small, deterministic yes/no task in the LLM-Adapters format.
 
-Each row asks whether a short made-up text is written in capital letters; the output reads like Commonsense170K's
-(``the correct answer is true``), so the commonsense evaluation protocol scores it with the BoolQ label
-pattern. The files ship in the package (``perft_qlora/data/demo/{train,test}.json``) so that
-``python -m perft_qlora.train --demo`` needs no download; ``python -m perft_qlora.demo_data`` rewrites them
-and a test checks the shipped files equal what this generator makes.
+Each row asks whether a short made-up text is written in small letters (``perft_qlora.demo_corpus.DEMO_FAMILY``).
+The shipped base model (``perft_qlora/data/demo_base/``) was pre-trained on the opposite question (capital
+letters) and never saw this one: it reads the text through its frozen attention and answers the question it
+knows, so it is wrong almost every time; a PERFT adapter must learn the new mapping. Outputs read like
+Commonsense170K's (``the correct answer is true``), so the commonsense evaluation protocol scores them with
+the BoolQ label pattern. The files ship in the package (``perft_qlora/data/demo/{train,test}.json``);
+``python -m perft_qlora.demo_data`` rewrites them and a test checks the shipped files equal what this makes.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 from importlib import resources
 
+from .demo_corpus import DEMO_FAMILY, family_rows
+
 TRAIN_ROWS, TEST_ROWS = 256, 40
-INSTRUCTION = "Is the following text written in capital letters? Answer format: true/false"
-
-
-def demo_row(text: str) -> dict[str, str]:
-    """One LLM-Adapters row: instruction, the text as input, Commonsense170K-style output and the bare answer."""
-    answer = "true" if text.isupper() else "false"
-    return {"instruction": INSTRUCTION, "input": text, "output": f"the correct answer is {answer}", "answer": answer}
-
-
-def _phrase(rng: random.Random) -> str:
-    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 7))) for _ in range(4)]
-    return " ".join(words)
 
 
 def generate_demo_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """``(train, test)`` rows with no text in both; about half the texts are upper case.
-
-    The answer shows in every token of the input, so even the demo's tiny random base model (whose frozen
-    attention mixes positions almost uniformly) carries it to the answer position: the adapter can learn it.
-    """
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    rows: list[dict] = []
-    while len(rows) < TRAIN_ROWS + TEST_ROWS:
-        text = _phrase(rng)
-        text = text.upper() if rng.random() < 0.5 else text
-        if text.lower() not in seen:
-            seen.add(text.lower())
-            rows.append(demo_row(text))
+    """``(train, test)`` rows with no (instruction, input) in both; about half the texts are upper case."""
+    rows = family_rows(DEMO_FAMILY, TRAIN_ROWS + TEST_ROWS, seed)
     return rows[:TRAIN_ROWS], rows[TRAIN_ROWS:]
 
 

@@ -122,7 +122,7 @@ TASKS: dict[str, Task] = {
         Task("gsm8k", "math", "number", "gsm8k", (), 1319),
         Task("aqua", "math", "letter", "AQuA", ANSWER_LETTERS, 254),
         Task("svamp", "math", "number", "SVAMP", (), 1000),
-        # The shipped demo task ("does the word contain the letter?"), scored like BoolQ.
+        # The shipped demo task ("is the text written in small letters?"), scored like BoolQ.
         Task("demo", "commonsense", "label", "demo", ("true", "false"), 40, source=demo_data_path("test")),
     )
 }

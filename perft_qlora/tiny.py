@@ -1,8 +1,8 @@
 """Tiny OLMoE / Mixtral / Qwen3-MoE / Qwen2-MoE / DeepSeek-V3 / GLM-4.5 models and a byte-level tokenizer,
 built locally (no download).
 
-Used by the tests and the ``--demo`` runs. Sizes are multiples of 64 so that every weight is a whole
-number of NF4 blocks per row, as in the real models.
+Used by the tests (``--demo`` uses the pre-trained base of ``perft_qlora.demo_base``). Sizes are multiples
+of 64 so that every weight is a whole number of NF4 blocks per row, as in the real models.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from transformers import (
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
 WORD_TOKENS = ("true", "false")
-"""Whole-word tokens, so that the demo task's answer is one decision (one token), not a spelling."""
+"""Whole-word tokens, so that a yes/no answer is one decision (one token), not a spelling."""
 
 
 def build_byte_tokenizer() -> PreTrainedTokenizerFast:

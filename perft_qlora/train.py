@@ -1,6 +1,6 @@
 """Fine-tune routed PEFT experts on an NF4 mixture-of-experts model with TRL's SFTTrainer.
 
-    python -m perft_qlora.train --demo                       # tiny built-in model + data, CPU, ~2 minutes
+    python -m perft_qlora.train --demo                       # shipped small base + demo task, CPU, < 3 minutes
     python -m perft_qlora.train --model allenai/OLMoE-1B-7B-0924 --data commonsense_170k.json \\
         --variant perft --num-experts 4 --top-k 2 --bottleneck 16 --output-dir runs/olmoe-perft
     python -m perft_qlora.train --config run.yaml --learning-rate 2e-5   # the command line overrides the file
@@ -9,7 +9,8 @@
 
 Writes ``<output-dir>/checkpoint-N/`` (adapter + optimizer state) every ``--save-steps`` and the final
 adapter (the best on the held-out rows when there are any) to ``<output-dir>/adapter/``. With ``--demo``
-the tiny base model is written to ``<output-dir>/base/``. ``--help`` lists every option and its default.
+the shipped pre-trained base is copied to ``<output-dir>/base/`` and a before/after table ends the run.
+``--help`` lists every option and its default.
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ from .arch import get_arch
 from .backends import get_backend
 from .baseline import attach_lora_baseline
 from .data import count_truncated, split_validation, to_prompt_completion
+from .demo import prepare_demo_base, run_demo
 from .distributed import is_main_process, main_process_first, prepare_ranks
 from .loader import load_model
 from .memory import memory_report
 from .model import attach_perft, parameter_report
 from .preflight import check_output_dir, check_perft_config, model_config
 from .records import read_records
-from .tiny import save_tiny_model
-from .train_options import DEMO_INIT_RANGE, parse_args, perft_config_from_args, sft_config_from_args
+from .train_options import parse_args, perft_config_from_args, sft_config_from_args
 from .trainer import PerftSFTTrainer
 
 DEMO_MARKER = ".perft-qlora-demo"
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None
             mark_demo_dir(args.output_dir)
         if args.demo and args.model is None:
             base = os.path.join(args.output_dir, "base")
-            args.model = save_tiny_model(base, "olmoe", initializer_range=DEMO_INIT_RANGE) if is_main_process() else base
+            args.model = prepare_demo_base(args.output_dir) if is_main_process() else base
     check_perft_config(args, model_config(args.model, args.revision))
     records = read_records(args.data, required=("instruction", "output"), split=args.data_split)
     say(records.report())
@@ -184,13 +185,10 @@ def main(argv: list[str] | None = None) -> None:
         from datasets.utils.logging import disable_progress_bar
 
         disable_progress_bar()  # SFTTrainer's five per-split preprocessing bars; the training bar stays
-        run(args)
-    if args.demo:
-        base = args.model
-        say(
-            "next: python -m perft_qlora.evaluate --model {0} --adapter {1} --tasks demo\n"
-            "      python apps/compare.py --demo --demo-dir {2}".format(base, os.path.join(args.output_dir, "adapter"), args.output_dir)
-        )
+        if args.demo:
+            run_demo(args, run)  # trains, then prints the before/after table and the next commands
+        else:
+            run(args)
 
 
 if __name__ == "__main__":

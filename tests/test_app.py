@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
 import threading
 import time
@@ -76,8 +77,22 @@ def test_cli(app_module, tmp_path, capsys):
     with pytest.raises(SystemExit):
         app_module.main([])
     assert "give --model" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match=r"python -m perft_qlora.train --demo --output-dir .*nowhere"):
-        app_module.main(["--demo", "--demo-dir", str(tmp_path / "nowhere")])
+
+
+def test_demo_outputs_are_built_when_missing_after_saying_so(app_module, tmp_path, capsys):
+    built = []
+
+    def build(directory):
+        built.append(directory)
+        os.makedirs(os.path.join(directory, "base"))
+        os.makedirs(os.path.join(directory, "adapter"))
+
+    target = str(tmp_path / "nowhere")
+    base, adapters = app_module.demo_paths(target, build)
+    assert built == [target] and base == os.path.join(target, "base") and adapters == {"demo": f"{target}/adapter"}
+    assert f"python -m perft_qlora.train --demo --output-dir {target}" in capsys.readouterr().err
+    app_module.demo_paths(target, build)  # present now: nothing is rebuilt, nothing is said
+    assert built == [target] and capsys.readouterr().err == ""
 
 
 def test_send_streams_into_every_column(app_module, chat, expected):  # noqa: F811

@@ -17,7 +17,7 @@ from nbclient.exceptions import CellExecutionError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = ("quickstart", "compare_variants")
-VARIANTS = ("perft", "perft_e", "perft_s", "lora")
+VARIANTS = ("perft", "perft_e", "perft_d", "perft_s", "lora")
 CELL_TIMEOUT_S = 600
 TINY_EVAL_LIMIT = 4
 
@@ -163,6 +163,7 @@ def test_compare_variants_parameter_table(compare_variants):
     activated = {v: int(rows[v][3].replace(",", "")) for v in VARIANTS}
     assert activated["lora"] == trainable["lora"] > 0  # dense: every token uses every LoRA weight
     assert activated["perft_s"] == trainable["perft_s"] > 0  # one shared expert
+    assert activated["perft_d"] == trainable["perft_d"] > trainable["perft_s"]  # all M experts, always on
     assert 0 < activated["perft"] < trainable["perft"]  # Top-2 of 4 experts (+ the router)
     assert 0 < activated["perft_e"] < trainable["perft_e"]  # the base router's top-2 of 8
     assert rows["perft"][1] == "2 of 4 expert(s) per token" and rows["perft_e"][1] == "2 of 8 expert(s) per token"
@@ -186,11 +187,11 @@ def test_compare_variants_routing(compare_variants):
     nb, _ = compare_variants
     page = "".join(outputs(nb, "text/html"))
     tables = dict(re.findall(r"<table class='routing' data-variant='(\w+)'>(.*?)</table>", page, re.DOTALL))
-    assert sorted(tables) == ["perft", "perft_e", "perft_s"]
-    experts = {"perft": 4, "perft_e": 8, "perft_s": 1}
+    assert sorted(tables) == ["perft", "perft_d", "perft_e", "perft_s"]
+    experts = {"perft": 4, "perft_e": 8, "perft_d": 4, "perft_s": 1}
     for variant, table in tables.items():
         layers = re.findall(r"<tr data-layer='(\d+)'>(.*?)</tr>", table, re.DOTALL)
-        assert [layer for layer, _ in layers] == ["0", "1"]  # the tiny model's two MoE layers
+        assert [layer for layer, _ in layers] == ["0", "1", "2", "3"]  # the shipped demo base's four MoE layers
         for _, row in layers:
             shares = [float(share) for share in re.findall(r">([\d.]+)%<", row)]
             assert len(shares) == experts[variant] and sum(shares) == pytest.approx(100.0, abs=0.1 * len(shares))

@@ -104,6 +104,6 @@ def test_shipped_demo_data_is_what_the_generator_makes():
     texts = lambda rows: {r["input"].lower() for r in rows}  # noqa: E731
     assert texts(train).isdisjoint(texts(test))
     for row in train + test:
-        assert row["answer"] == ("true" if row["input"].isupper() else "false")
+        assert row["answer"] == ("false" if row["input"].isupper() else "true")  # written in small letters?
         assert row["output"] == f"the correct answer is {row['answer']}"
     assert 0.35 < sum(r["answer"] == "true" for r in train) / len(train) < 0.65

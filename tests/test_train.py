@@ -123,7 +123,7 @@ def test_mixtral_checkpoint_trains(tmp_path):
     from perft_qlora.tiny import save_tiny_model
 
     base = save_tiny_model(str(tmp_path / "mixtral"), "mixtral")
-    trainer = run(quick_args(tmp_path / "out", "--model", base, "--max-steps", "2"))
+    trainer = run(quick_args(tmp_path / "out", "--model", base, "--max-steps", "2", "--no-completion-only-loss"))
     assert trainer.perft_aux_loss_coef == pytest.approx(0.02)  # Mixtral's recipe value
     assert "perft_aux_loss" in train_logs(trainer)[-1]
 
@@ -222,11 +222,12 @@ def test_malformed_training_rows_are_reported_and_skipped(tmp_path, capsys):
     rows = json.load(open(DEMO_PRESETS["data"]))[:12] + [{"instruction": "x"}, {"output": 3}]
     data = tmp_path / "rows.json"
     data.write_text(json.dumps(rows))
-    trainer = run(quick_args(tmp_path / "out", "--data", str(data), "--max-steps", "1"))
+    trainer = run(quick_args(tmp_path / "out", "--data", str(data), "--max-steps", "1", "--max-length", "16",
+                             "--no-completion-only-loss"))  # a truncated response would leave nothing to learn
     assert len(trainer.train_dataset) == 12
     err = capsys.readouterr().err
     assert "12 rows used, 2 skipped" in err and "row 13: missing or empty 'output'" in err
-    assert "12 of 12 examples checked are longer than --max-length 128" in err  # quick_args cuts them at 128
+    assert "12 of 12 examples checked are longer than --max-length 16" in err
 
 
 def test_unsloth_backend_fails_at_once_without_a_gpu():
