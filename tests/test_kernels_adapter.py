@@ -100,6 +100,34 @@ def test_formulation_by_shape():
     assert pick_formulation(16, 17) == "sorted"  # 272 -> 512 columns
 
 
+@pytest.mark.parametrize("formulation", ["dense", "sorted"])
+def test_no_grad_forward_saves_no_hidden_activations(monkeypatch, formulation):
+    """Generation runs the adapters under no_grad with parameters that require grad: nothing may be stored."""
+    from perft_qlora.kernels import ops
+
+    name = f"{formulation}_forward"
+    saves, original = [], getattr(ops, name)
+
+    def spy(*args):
+        out, hidden = original(*args)
+        saves.append(hidden.numel())
+        return out, hidden
+
+    monkeypatch.setattr(ops, name, spy)
+    monkeypatch.setenv("PERFT_QLORA_KERNELS", "triton")
+    g = torch.Generator().manual_seed(4)
+    weights, indices = _routing("random_with_empty_expert", 7, 4, 2, g)
+    x = torch.randn(7, WIDTH, generator=g).to(DEVICE)
+    down = (torch.randn(4, 8, WIDTH, generator=g) * 0.1).to(DEVICE).requires_grad_(True)
+    up = (torch.randn(4, WIDTH, 8, generator=g) * 0.1).to(DEVICE).requires_grad_(True)
+    args = (x, down, up, weights.to(DEVICE), indices.to(DEVICE))
+    with torch.no_grad():
+        out = routed_adapter(*args, formulation=formulation, blocks=BLOCKS[formulation])
+    assert saves == [0] and not out.requires_grad
+    routed_adapter(*args, formulation=formulation, blocks=BLOCKS[formulation])
+    assert saves[-1] > 0  # with a backward to serve, the spy sees the store
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("formulation", ["dense", "sorted"])
 @pytest.mark.parametrize("case,tokens,experts,top_k,bottleneck,activation", CASES + [("random_with_empty_expert", 3000, 8, 2, 16, None)])

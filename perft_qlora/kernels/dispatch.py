@@ -113,6 +113,13 @@ def _ops():
     return ops
 
 
+def _inputs_for_grad_mode(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` detached under ``no_grad``: an autograd.Function's ``ctx.needs_input_grad`` follows
+    ``requires_grad`` even then, so without this the kernels would store backward activations that no
+    backward will ever read (e.g. the adapters' parameters during generation)."""
+    return tensors if torch.is_grad_enabled() else tuple(t.detach() for t in tensors)
+
+
 # NF4 grouped expert MLP ---------------------------------------------------------------------------
 
 
@@ -146,7 +153,8 @@ def nf4_expert_mlp(x, gate_up, down, weights, indices, hidden_act: str, blocks=N
         return nf4_expert_mlp_reference(x, gate_up, down, weights, indices, _act_module(hidden_act))
     if x.shape[0] == 0:
         return torch.zeros_like(x)
-    return _ops().NF4ExpertMLPFunction.apply(x.contiguous(), weights, indices.long(), gate_up, down, hidden_act, blocks)
+    x, weights = _inputs_for_grad_mode(x.contiguous(), weights)
+    return _ops().NF4ExpertMLPFunction.apply(x, weights, indices.long(), gate_up, down, hidden_act, blocks)
 
 
 # routed adapter -------------------------------------------------------------------------------------
@@ -213,5 +221,6 @@ def routed_adapter(
         return torch.zeros_like(x)
     ops = _ops()
     function = ops.DenseRoutedAdapterFunction if formulation == "dense" else ops.SortedRoutedAdapterFunction
-    args = (x.contiguous(), down.contiguous(), up.contiguous(), weights, indices.long())
+    x, down, up, weights = _inputs_for_grad_mode(x.contiguous(), down.contiguous(), up.contiguous(), weights)
+    args = (x, down, up, weights, indices.long())
     return function.apply(*args, _activation_name(activation), float(scaling), blocks)
