@@ -62,7 +62,7 @@ def token_batch():
 
 
 def pytest_configure(config):
-    """Under tests/mutation/run.py: refuse to run against any package but the mutated copy."""
+    """Under tests/mutation/mutate.py: refuse to run against any package but the mutated copy."""
     expected = os.environ.get("PERFT_QLORA_EXPECT_ROOT")
     if expected:
         import perft_qlora

@@ -6,6 +6,8 @@ padding mask, independently of ``losses.py``, and compared with what the Trainer
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,8 +60,13 @@ def test_balance_loss_term_is_divided_by_the_accumulation_steps(tmp_path, monkey
     monkeypatch.setattr(SFTTrainer, "compute_loss", spy_parent)
     monkeypatch.setattr(PerftSFTTrainer, "compute_loss", spy_perft)
     monkeypatch.setattr(Accelerator, "backward", spy_backward)
+    # Rows of very different lengths, so every micro-batch of two is heavily padded.
+    rows = [{"instruction": "Is the following text written in capital letters? " + "ABC DEF " * (1 + 12 * i),
+             "output": "the correct answer is true"} for i in range(8)]
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(rows))
     run(parse_args([
-        "--demo", "--output-dir", str(tmp_path), "--max-steps", "1", "--grad-accum", "2", "--val-size", "0",
+        "--demo", "--data", str(data), "--output-dir", str(tmp_path / "out"), "--max-steps", "1", "--grad-accum", "2", "--val-size", "0",
         "--batch-size", "2", "--max-length", "1024", "--logging-steps", "1", "--save-steps", "100",
         "--warmup-steps", "0", "--no-gradient-checkpointing",
     ]))
@@ -69,8 +76,10 @@ def test_balance_loss_term_is_divided_by_the_accumulation_steps(tmp_path, monkey
         assert len(step["logits"]) == 2  # both layers' PERFT routers ran once in this forward
         assert (step["mask"] == 0).any()  # the batch holds padding, which the term must ignore
         aux = masked_switch_loss(step["logits"], step["mask"], top_k=2)
+        with_padding = masked_switch_loss(step["logits"], torch.ones_like(step["mask"]), top_k=2)
+        assert abs(with_padding - aux) > 1e-3 * aux  # enough padding that counting it would fail the check below
         # The share of the backpropagated loss that is not the parent's: however the Trainer scales the
         # parent's loss for accumulation, the balance term must arrive as coef * LB / 2.
         scale = step["backward"] / step["total"]
         aux_share = step["backward"] - scale * step["without_aux"]
-        torch.testing.assert_close(aux_share, step["coef"] * aux / 2, rtol=2e-3, atol=1e-7)
+        torch.testing.assert_close(aux_share, step["coef"] * aux / 2, rtol=1e-4, atol=1e-7)
