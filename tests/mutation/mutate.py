@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 PACKAGE = os.path.join(REPO, "perft_qlora")
 sys.path.insert(0, HERE)
 
-from mutations import MUTATIONS, Mutation  # noqa: E402
+from mutations import MUTATIONS, Mutation
 
 
 class TargetNotFound(Exception):
@@ -72,17 +72,15 @@ def preload() -> None:
 
     perft_qlora itself is never imported here, so each child imports its own (mutated) copy.
     """
+    import importlib
+
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py, before triton is imported
-    import accelerate  # noqa: F401
-    import bitsandbytes  # noqa: F401
-    import pytest  # noqa: F401
-    import transformers.models.mixtral.modeling_mixtral  # noqa: F401
-    import transformers.models.olmoe.modeling_olmoe  # noqa: F401
-    import trl  # noqa: F401
-    from transformers import AutoModelForCausalLM  # noqa: F401
+    for name in ("accelerate", "bitsandbytes", "pytest", "trl", "transformers.models.mixtral.modeling_mixtral",
+                 "transformers.models.olmoe.modeling_olmoe"):
+        importlib.import_module(name)
 
 
 def start_run(root: str, tests: tuple[str, ...], log: str) -> int:
@@ -101,7 +99,7 @@ def start_run(root: str, tests: tuple[str, ...], log: str) -> int:
         import pytest
 
         status = int(pytest.main(pytest_args(tests)))
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - the child reports any failure and exits
         import traceback
 
         traceback.print_exc()
