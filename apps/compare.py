@@ -18,6 +18,7 @@ import sys
 
 import gradio as gr
 
+from perft_qlora.analysis_report import adapter_analysis_markdown
 from perft_qlora.chat import (
     BASE,
     STYLES,
@@ -171,6 +172,20 @@ class CompareApp:
             return f"⚠️ {err}", {}
         return info_markdown(info), info.get("adapter_config", info)
 
+    def analysis(self, name):
+        """The adapter's ``python -m perft_qlora.analyze`` summary and plots, if one was written beside it."""
+        try:
+            info = self.chat.info(name)
+        except ChatError as err:
+            return f"⚠️ {err}", []
+        if "directory" not in info:
+            return "Pick an adapter to see its analysis (the base model appears in each adapter's).", []
+        others = tuple(self.chat.info(other)["directory"] for other in self.chat.names[1:])
+        text, plots = adapter_analysis_markdown(info["directory"], others)
+        from PIL import Image  # a gradio dependency; images, not paths, so no file serving is needed
+
+        return text, [(Image.open(path), os.path.basename(path)) for path in plots]
+
     def add_adapter(self, name, directory):
         """Register an adapter at run time; a bad directory is reported, the app keeps running."""
         try:
@@ -248,6 +263,9 @@ def build_demo(chat: ChatModel, num_columns: int | None = None, errors: dict[str
                 info_md = gr.Markdown(elem_id="info")
                 with gr.Accordion("adapter_config.json (knobs and training metadata)", open=False):
                     info_json = gr.JSON(show_label=False)
+                with gr.Accordion("Analysis (python -m perft_qlora.analyze)", open=False):
+                    analysis_md = gr.Markdown(elem_id="analysis")
+                    analysis_plots = gr.Gallery(show_label=False, columns=2, height="auto", elem_id="analysis-plots")
                 if allow_add:
                     with gr.Accordion("Add an adapter", open=False):
                         add_name = gr.Textbox(label="name", elem_id="add-name")
@@ -268,6 +286,8 @@ def build_demo(chat: ChatModel, num_columns: int | None = None, errors: dict[str
             picker.change(lambda name: (gr.update(value=[], label=name), ""), picker, [chatbot, stat],
                           api_visibility="private")
         gr.on([demo.load, info_pick.change], app.info, info_pick, [info_md, info_json], api_name="adapter_info")
+        gr.on([demo.load, info_pick.change], app.analysis, info_pick, [analysis_md, analysis_plots],
+              api_name="adapter_analysis")
         if allow_add:
             add_btn.click(app.add_adapter, [add_name, add_dir], [add_status, *pickers[1:], info_pick],
                           api_name="add_adapter", **model_queue)

@@ -156,6 +156,8 @@ class RoutingRecorder:
         self.handles = []
         for i, layer in enumerate(decoder_layers(model)):
             block = getattr(layer, arch.moe_block)
+            if not arch.is_moe_block(block):  # dense MLP layers (DeepSeek's first ones) route nothing
+                continue
             if isinstance(block, PerftMoEBlock):
                 self._hook(self.base, i, getattr(block.base, arch.router), lambda out: (out[1], out[2]))
                 self._hook(self.peft, i, block.perft_router, lambda out: (out.weights, out.indices))

@@ -1,12 +1,13 @@
-"""``load_model``: an OLMoE / Mixtral checkpoint with every big weight in NF4, the experts included.
+"""``load_model``: a supported MoE checkpoint (``arch.py``) with every big weight in NF4, the experts included.
 
-How it loads: the model is built on the ``meta`` device (no memory), its attention/projection
-``nn.Linear`` modules become bitsandbytes ``Linear4bit`` (NF4) and its fused experts become
+How it loads: the model is built on the ``meta`` device (no memory), its decoder layers' ``nn.Linear``
+modules (attention, shared experts, dense MLP layers) become bitsandbytes ``Linear4bit`` (NF4), except a
+family's ``keep_dense`` ones, and its fused routed experts become
 :class:`~perft_qlora.nf4_experts.NF4Experts`. Then the checkpoint is streamed one decoder layer at a
 time: each tensor is read from the safetensors files, moved to the device, quantized there if it is big,
 and its bf16 copy dropped. Peak memory while loading is the final NF4 footprint plus one expert matrix (or
 one layer's small tensors) in bf16. Embeddings, norms, routers and ``lm_head`` stay in the compute dtype
-(the router must be exact for PERFT-E).
+(the router must be exact for PERFT-E), or in float32 where the model class keeps it (DeepSeek's router).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def load_model(
     directory = _resolve_checkpoint(name_or_path, revision)
     config = AutoConfig.from_pretrained(directory)
     arch = get_arch(config)  # fail on unsupported families before touching weights
+    _refuse_prequantized(config, name_or_path)
     tokenizer = _load_tokenizer(directory)
     if quantize == "none":
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map={"": device})
@@ -86,6 +88,17 @@ def _resolve_checkpoint(name_or_path: str, revision: str | None) -> str:
         ) from err
 
 
+def _refuse_prequantized(config, name_or_path: str) -> None:
+    """Hub checkpoints stored in FP8 / MXFP4 / ... (DeepSeek-V3 itself, gpt-oss) are not bf16 weights to quantize."""
+    method = (getattr(config, "quantization_config", None) or {})
+    method = method.get("quant_method") if isinstance(method, dict) else getattr(method, "quant_method", None)
+    if method is not None:
+        raise ValueError(
+            f"{name_or_path} holds {method}-quantized weights; perft_qlora quantizes bf16/fp32 safetensors to NF4. "
+            "Use a bf16 release of the model (e.g. moonshotai/Moonlight-16B-A3B for the DeepSeek-V3 layout)."
+        )
+
+
 def _load_tokenizer(directory: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -108,9 +121,11 @@ def _load_nf4(directory, config, arch: MoEArch, device, dtype, double_quant, pro
         for i, layer in enumerate(tqdm(layers, desc="loading NF4 layers", disable=not progress)):
             prefix = f"model.layers.{i}."
             moe = getattr(layer, arch.moe_block)
-            experts = getattr(moe, arch.experts)
-            setattr(moe, arch.experts, _load_experts(reader, prefix, arch, experts, device, dtype, double_quant))
-            _replace_linears(layer, device, dtype, double_quant)
+            if arch.is_moe_block(moe):  # some families keep dense MLP layers (Qwen's mlp_only_layers)
+                experts = getattr(moe, arch.experts)
+                loaded = _load_experts(reader, prefix, arch, experts, device, dtype, double_quant, config.hidden_act)
+                setattr(moe, arch.experts, loaded)
+            _replace_linears(layer, device, dtype, double_quant, keep=arch.keep_dense)
             _load_tensors(layer, prefix, reader, device, dtype, arch)
         unused = [k for k in reader.keys() if k not in reader.used]
         if unused:
@@ -160,7 +175,7 @@ def _load_tensors(root, prefix, reader, device, dtype, arch, skip_prefix=None, o
             if name not in optional:
                 missing.append(name)
             continue
-        value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        value = value.to(device=device, dtype=stored_dtype(module, getattr(module, attr), value, dtype))
         if isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
             module.weight = bnb.nn.Params4bit(
                 value, requires_grad=False, blocksize=BLOCKSIZE, compress_statistics=module.weight.compress_statistics,
@@ -174,7 +189,18 @@ def _load_tensors(root, prefix, reader, device, dtype, arch, skip_prefix=None, o
         raise KeyError(f"checkpoint is missing {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}")
 
 
-def _load_experts(reader, prefix, arch: MoEArch, experts, device, dtype, double_quant) -> NF4Experts:
+def stored_dtype(module: nn.Module, meta: torch.Tensor, value: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a checkpoint tensor is loaded in: integers as stored; NF4 linears' weights (quantized from it)
+    and biases in ``dtype``; other floating tensors in the dtype the model was built with, which is ``dtype``
+    except where the model class keeps float32 on purpose (DeepSeek-V3's router and its score bias)."""
+    if not value.is_floating_point():
+        return value.dtype
+    if isinstance(module, bnb.nn.Linear4bit) or not meta.is_floating_point():
+        return dtype
+    return meta.dtype
+
+
+def _load_experts(reader, prefix, arch: MoEArch, experts, device, dtype, double_quant, hidden_act: str) -> NF4Experts:
     num_experts = experts.gate_up_proj.shape[0]
     fused = f"{prefix}{arch.moe_block}.{arch.experts}."
 
@@ -194,17 +220,23 @@ def _load_experts(reader, prefix, arch: MoEArch, experts, device, dtype, double_
         down = NF4Weight.from_experts(expert_matrices("down_proj"), double_quant, BLOCKSIZE)
     except KeyError as err:
         raise KeyError(f"checkpoint has no expert weights for {prefix} ({err})") from err
-    return NF4Experts(gate_up, down, hidden_act=experts.config.hidden_act)
+    return NF4Experts(gate_up, down, hidden_act=hidden_act)
 
 
-def _replace_linears(layer: nn.Module, device, dtype, double_quant) -> None:
+def quantizes_linear(name: str, module: nn.Module, device: torch.device, keep: tuple[str, ...] = ()) -> bool:
+    """Whether the loader turns this decoder-layer module into an NF4 ``Linear4bit`` (``plan`` uses the same rule)."""
+    if type(module) is not nn.Linear or name.rpartition(".")[2] in keep:
+        return False
+    # bitsandbytes' CPU kernels mis-index rows that are not whole blocks: such a linear stays unquantized on CPU.
+    return not (device.type == "cpu" and module.in_features % BLOCKSIZE)
+
+
+def _replace_linears(layer: nn.Module, device, dtype, double_quant, keep: tuple[str, ...] = ()) -> None:
     """Swap the layer's ``nn.Linear`` modules for meta ``Linear4bit`` ones, filled by ``_load_tensors``."""
     for name, module in list(layer.named_modules()):
-        if type(module) is not nn.Linear:
-            continue
-        if device.type == "cpu" and module.in_features % BLOCKSIZE:
-            # bitsandbytes' CPU kernels mis-index rows that are not whole blocks; keep this one unquantized.
-            logger.warning("keeping %s in %s: in_features=%d is not a multiple of %d on CPU", name, dtype, module.in_features, BLOCKSIZE)
+        if not quantizes_linear(name, module, device, keep):
+            if type(module) is nn.Linear and module.in_features % BLOCKSIZE and device.type == "cpu":
+                logger.warning("keeping %s in %s: in_features=%d is not a multiple of %d on CPU", name, dtype, module.in_features, BLOCKSIZE)
             continue
         parent_name, _, attr = name.rpartition(".")
         quantized = bnb.nn.Linear4bit(
@@ -215,8 +247,9 @@ def _replace_linears(layer: nn.Module, device, dtype, double_quant) -> None:
 
 
 def _tie_output_embeddings(model) -> None:
+    # Tied even when the checkpoint also holds an lm_head tensor (as transformers does): one copy in memory.
     output = model.get_output_embeddings()
-    if getattr(model.config, "tie_word_embeddings", False) and output is not None and output.weight.is_meta:
+    if getattr(model.config, "tie_word_embeddings", False) and output is not None:
         output.weight = model.get_input_embeddings().weight
 
 

@@ -30,9 +30,13 @@ class LoRAExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """(T, D) tokens, (T, K) weights and ids -> (T, D) weighted sum of the chosen experts."""
-        x = self.dropout(x).to(self.down.dtype)
+        x = self.dropout(x)
+        # On CUDA a half-precision x keeps its dtype: the (fp32 master) weights are cast to it, so the
+        # products run on tensor cores and the masters get their gradients through the cast, in fp32.
+        dtype = x.dtype if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) else self.down.dtype
+        down, up = self.down.to(dtype), self.up.to(dtype)
         # The name, not self.activation: the dispatch maps it to the kernels' activation or to ACT2FN.
-        return routed_adapter(x, self.down, self.up, weights, indices, activation=self.activation_name, scaling=self.scaling)
+        return routed_adapter(x.to(dtype), down, up, weights, indices, activation=self.activation_name, scaling=self.scaling)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, bottleneck={self.bottleneck}, scaling={self.scaling}"

@@ -42,15 +42,19 @@ def attach_perft(model, config: PerftConfig, dtype: torch.dtype | None = None):
     layers = decoder_layers(model)
     if getattr(model, "perft_config", None) is not None:
         raise ValueError("this model already has PERFT blocks attached; load a fresh base model to attach another")
-    selected = list(range(len(layers))) if config.layers is None else config.layers
+    moe_layers = arch.moe_layers(model)
+    selected = moe_layers if config.layers is None else config.layers
     bad = [i for i in selected if not 0 <= i < len(layers)]
     if bad:
         raise ValueError(f"layers {bad} do not exist; the model has {len(layers)} decoder layers (0..{len(layers) - 1})")
+    dense = [i for i in selected if i not in moe_layers]
+    if dense:
+        raise ValueError(f"layers {dense} are dense MLP layers without experts; PERFT attaches to MoE layers {moe_layers}")
     if getattr(model.config, "router_jitter_noise", 0.0):
         raise ValueError("router_jitter_noise > 0 is not supported: PERFT blocks call the base router directly")
     facts = BlockFacts(
         hidden_size=model.config.hidden_size, num_experts=arch.num_experts(model.config),
-        top_k=arch.top_k(model.config), renormalizes=arch.renormalizes_top_k(model.config),
+        top_k=arch.top_k(model.config), renormalizes=arch.renormalizes_top_k(model.config), gating=arch.gating,
     )
     model.requires_grad_(False)
     for i in selected:
@@ -58,7 +62,7 @@ def attach_perft(model, config: PerftConfig, dtype: torch.dtype | None = None):
         router_weight = getattr(base, arch.router).weight
         device, adapter_dtype = router_weight.device, dtype or router_weight.dtype
         router, experts = build_adapter(config, facts, adapter_dtype)
-        block = PerftMoEBlock(base, arch.router, arch.experts, router.to(device), experts.to(device))
+        block = PerftMoEBlock(base, arch.experts, router.to(device), experts.to(device))
         block.train(base.training)  # new modules start in training mode; follow the model's
         setattr(layers[i], arch.moe_block, block)
     model.perft_config = config
@@ -100,6 +104,8 @@ class ParameterReport:
     """Backbone parameters, counting quantized weights by their original number of values."""
     backbone_per_token: int
     """Backbone parameters a token activates (K of N experts per MoE layer, everything else)."""
+    dense_layers: tuple[int, ...] = ()
+    """Decoder layers with a dense MLP instead of experts (DeepSeek's first layers): no PERFT block there."""
 
     @property
     def activated_ratio(self) -> float:
@@ -110,6 +116,7 @@ class ParameterReport:
             f"trainable {self.trainable:,} ({self.trainable / self.backbone:.4%} of {self.backbone:,}); "
             f"activated per token {self.trainable_per_token:,} "
             f"({self.activated_ratio:.4%} of the backbone's {self.backbone_per_token:,})"
+            + (f"; dense MLP layers {list(self.dense_layers)} have no PERFT block" if self.dense_layers else "")
         )
 
 
@@ -124,4 +131,6 @@ def parameter_report(model) -> ParameterReport:
     arch = get_arch(model.config)
     n, k = arch.num_experts(model.config), arch.top_k(model.config)
     backbone, experts = count_values(model)
-    return ParameterReport(trainable, trainable_per_token, backbone, backbone - experts * (n - k) // n)
+    moe_layers = set(arch.moe_layers(model))
+    dense = tuple(i for i in range(len(decoder_layers(model))) if i not in moe_layers)
+    return ParameterReport(trainable, trainable_per_token, backbone, backbone - experts * (n - k) // n, dense)

@@ -84,6 +84,19 @@ class NF4Weight(nn.Module):
         """Quantize a whole ``(E, out, in)`` tensor (convenience for tests and small models)."""
         return cls.from_experts(iter(weight), double_quant=double_quant, blocksize=blocksize)
 
+    def storage_as_parameters(self) -> NF4Weight:
+        """Re-register ``packed`` and ``absmax`` as frozen uint8 (or float32) parameters; returns self.
+
+        FSDP2 (``fully_shard``) shards parameters, not buffers: after this call it splits the 4-bit storage
+        along dim 0 across the ranks and all-gathers it around each forward and backward of the wrapping
+        module. Names and state-dict keys stay the same; the small tensors (code books, nested scales) stay
+        replicated buffers.
+        """
+        for name in ("packed", "absmax"):
+            if name in self._buffers:
+                self._parameters[name] = nn.Parameter(self._buffers.pop(name), requires_grad=False)
+        return self
+
     # views ---------------------------------------------------------------------------------------
     @property
     def numel(self) -> int:

@@ -7,6 +7,7 @@ weight 1. Each declares ``experts_per_token`` and ``params_per_token`` for the a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -23,12 +24,25 @@ class Routing(NamedTuple):
     """(T, M) router logits when the router is trainable (for the balance loss), else None."""
 
 
-class LearnedTopKRouter(nn.Module):
-    """PERFT's router: bias-free ``Linear(D, M)``, float32 softmax, top-K', renormalised like the base router."""
+GATING: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "softmax": lambda logits: torch.softmax(logits, dim=-1),  # OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE
+    "sigmoid": torch.sigmoid,  # DeepSeek-V3 (independent scores; no correction bias or groups for M PEFT experts)
+}
+"""Router score functions by name (``MoEArch.gating``): float32 (T, M) logits -> (T, M) scores."""
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, renormalize: bool, init_std: float, dtype):
+
+class LearnedTopKRouter(nn.Module):
+    """PERFT's router: bias-free ``Linear(D, M)``, float32 scores by the base family's gating function,
+    top-K', renormalised like the base router."""
+
+    def __init__(
+        self, hidden_size: int, num_experts: int, top_k: int, renormalize: bool, init_std: float, dtype,
+        gating: str = "softmax",
+    ):
         super().__init__()
-        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        if gating not in GATING:
+            raise ValueError(f"unknown gating {gating!r}; known: {', '.join(GATING)}")
+        self.num_experts, self.top_k, self.renormalize, self.gating = num_experts, top_k, renormalize, gating
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=dtype).normal_(0.0, init_std))
 
     @property
@@ -41,14 +55,14 @@ class LearnedTopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, base_weights: torch.Tensor, base_indices: torch.Tensor) -> Routing:
         logits = F.linear(x.to(self.weight.dtype), self.weight)  # (T, M); float32 master weights take bf16 inputs
-        probs = torch.softmax(logits.float(), dim=-1)
-        weights, indices = torch.topk(probs, self.top_k, dim=-1)  # (T, K'), (T, K')
+        scores = GATING[self.gating](logits.float())  # (T, M)
+        weights, indices = torch.topk(scores, self.top_k, dim=-1)  # (T, K'), (T, K')
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return Routing(weights, indices, logits)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}"
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, gating={self.gating}, renormalize={self.renormalize}"
 
 
 class BaseRouterTap(nn.Module):

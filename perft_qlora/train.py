@@ -5,7 +5,7 @@
         --variant perft --num-experts 4 --top-k 2 --bottleneck 16 --output-dir runs/olmoe-perft
     python -m perft_qlora.train --config run.yaml --learning-rate 2e-5   # the command line overrides the file
     python -m perft_qlora.train --config run.yaml --resume              # continue from the last checkpoint
-    accelerate launch -m perft_qlora.train --config run.yaml            # data parallel over several GPUs
+    accelerate launch --config_file examples/accelerate/ddp.yaml -m perft_qlora.train --config run.yaml  # data parallel
 
 Writes ``<output-dir>/checkpoint-N/`` (adapter + optimizer state) every ``--save-steps`` and the final
 adapter (the best on the held-out rows when there are any) to ``<output-dir>/adapter/``. With ``--demo``
@@ -28,6 +28,7 @@ from .arch import get_arch
 from .backends import get_backend
 from .baseline import attach_lora_baseline
 from .data import count_truncated, split_validation, to_prompt_completion
+from .distributed import is_main_process, main_process_first, prepare_ranks
 from .loader import load_model
 from .memory import memory_report
 from .model import attach_perft, parameter_report
@@ -70,16 +71,20 @@ def attach_adapter(model, args: argparse.Namespace):
 def run(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None) -> PerftSFTTrainer:
     """Load, attach, train and save; returns the trainer (its ``state.log_history`` holds every log line)."""
     backend = get_backend(args.backend)  # fails at once if, e.g., Unsloth has no GPU here
-    resume = resolve_resume(args)
+    args.device = prepare_ranks(args)  # under accelerate launch: this rank's own GPU, launch checks
     set_seed(args.seed)
-    if args.demo and args.model is None:
-        args.model = save_tiny_model(os.path.join(args.output_dir, "base"), "olmoe", initializer_range=DEMO_INIT_RANGE)
+    with main_process_first():  # rank 0 removes old checkpoints and writes the demo base before others look
+        resume = resolve_resume(args)
+        if args.demo and args.model is None:
+            base = os.path.join(args.output_dir, "base")
+            args.model = save_tiny_model(base, "olmoe", initializer_range=DEMO_INIT_RANGE) if is_main_process() else base
     records = read_records(args.data, required=("instruction", "output"), split=args.data_split)
     print(records.report(), file=sys.stderr)
     train_set, val_set = split_validation(to_prompt_completion(records), args.val_size)
 
     model, tokenizer = load_model(
-        args.model, quantize=args.quantize, device=args.device, double_quant=args.double_quant, revision=args.revision
+        args.model, quantize=args.quantize, device=args.device, double_quant=args.double_quant, revision=args.revision,
+        dtype=getattr(torch, args.base_dtype),
     )
     arch = get_arch(model.config)
     too_long, checked = count_truncated(train_set, tokenizer, args.max_length)

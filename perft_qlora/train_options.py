@@ -55,6 +55,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--quantize", default="nf4", choices=("nf4", "none"), help="nf4: every big weight in 4-bit, experts included")
     g.add_argument("--double-quant", default=True, action=argparse.BooleanOptionalAction, help="quantize the NF4 scales too")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model lives")
+    g.add_argument("--base-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="unquantized base weights and the NF4 compute dtype (float32: exact CPU parity checks)")
     g = p.add_argument_group("adapter")
     g.add_argument("--variant", default="perft", choices=VARIANT_CHOICES, help="lora = peft LoRA on attention (baseline)")
     g.add_argument("--num-experts", type=int, default=None, help="M PEFT experts (default 4 for perft / perft_d)")
@@ -81,6 +83,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (overrides --epochs)")
     g.add_argument("--learning-rate", type=float, default=None, help="AdamW learning rate; None = 1e-5 OLMoE, 2e-5 Mixtral")
     g.add_argument("--batch-size", type=int, default=16, help="examples per device per step")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="examples per optimizer step over all ranks; sets --batch-size to it / (ranks x --grad-accum)")
     g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     g.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps")
     g.add_argument("--lr-scheduler", default="linear", help="transformers scheduler name (linear decays to 0)")
@@ -161,7 +165,7 @@ def sft_config_from_args(args: argparse.Namespace, arch, has_validation: bool):
 
     on_cpu = not str(args.device).startswith("cuda")
     learning_rate = args.learning_rate if args.learning_rate is not None else arch.recipe_learning_rate
-    base_coef = args.base_aux_loss_coef if args.base_aux_loss_coef is not None else arch.recipe_aux_loss_coef
+    base_coef = args.base_aux_loss_coef if args.base_aux_loss_coef is not None else arch.base_aux_loss_coef
     return SFTConfig(
         output_dir=args.output_dir, num_train_epochs=args.epochs, max_steps=args.max_steps, learning_rate=learning_rate,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
@@ -178,4 +182,6 @@ def sft_config_from_args(args: argparse.Namespace, arch, has_validation: bool):
         use_cpu=on_cpu, bf16=not on_cpu, dataloader_pin_memory=not on_cpu,
         # Top-K routing leaves some PEFT experts without tokens in a micro-batch; DDP must tolerate that.
         ddp_find_unused_parameters=args.variant in ("perft", "perft_e"),
+        # The NF4 weights are buffers (NF4Weight): DDP would otherwise re-send them all from rank 0 before every forward.
+        ddp_broadcast_buffers=False,
     )

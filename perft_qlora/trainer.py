@@ -20,16 +20,16 @@ bitsandbytes' format but outside that machinery, so the check does not apply; th
 
 from __future__ import annotations
 
-import math
 import time
 
 from trl import SFTTrainer
 
 from .checkpoint import load_adapter, save_adapter
+from .kernels import backend_choices
 from .losses import perft_balance_loss
 from .memory import peak_memory_bytes
 from .model import balance_loss_coef
-from .stats import routing_stats
+from .stats import routing_log
 
 
 def _perft_model(model):
@@ -43,20 +43,6 @@ def peak_memory_gib() -> dict[str, float]:
     """``peak_gpu_mem_gib`` (allocated by torch, since the last reset) on CUDA, else ``peak_rss_gib``."""
     kind, peak = peak_memory_bytes()
     return {"peak_gpu_mem_gib" if kind == "gpu" else "peak_rss_gib": peak / 2**30}
-
-
-def routing_log(model) -> dict[str, float]:
-    """Per layer: ``routing/L{i}_imbalance`` = M · (largest expert share), 1.0 when perfectly balanced, and
-    ``routing/L{i}_entropy`` = entropy of the expert shares / log M (1.0 when uniform). From the latest micro-batch."""
-    logs = {}
-    for layer, stats in routing_stats(model).items():
-        shares = stats["expert_fraction"]
-        if len(shares) < 2:
-            continue
-        entropy = -sum(p * math.log(p) for p in shares if p > 0) / math.log(len(shares))
-        logs[f"routing/L{layer}_imbalance"] = max(shares) * len(shares)
-        logs[f"routing/L{layer}_entropy"] = entropy
-    return logs
 
 
 class PerftSFTTrainer(SFTTrainer):
@@ -104,6 +90,10 @@ class PerftSFTTrainer(SFTTrainer):
                 logs["tokens_per_second"] = (tokens - last_tokens) / (now - last_time)
             self._last_log = (now, tokens)
             logs.update(peak_memory_gib())
+            kernels = {f"kernels/{op}": choice for op, choice in backend_choices().items()}
+            if kernels != getattr(self, "_kernels_logged", None):  # the compute backend per op, when it changes
+                logs.update(kernels)
+                self._kernels_logged = kernels
             perft = _perft_model(self.model)
             if perft is not None and perft.perft_config.variant in ("perft", "perft_e"):
                 logs.update(routing_log(perft))
@@ -114,10 +104,11 @@ class PerftSFTTrainer(SFTTrainer):
         perft = _perft_model(self.model)
         if perft is None:  # the peft LoRA baseline: the Trainer saves peft's adapter files itself
             return super()._save(output_dir, state_dict)
-        if not self.args.should_save:
-            return
-        metadata = {**self.run_metadata, "global_step": self.state.global_step, "epoch": self.state.epoch}
-        save_adapter(perft, output_dir or self.args.output_dir, extra_metadata={"training": metadata})
+        if self.args.should_save:
+            metadata = {**self.run_metadata, "global_step": self.state.global_step, "epoch": self.state.epoch}
+            save_adapter(perft, output_dir or self.args.output_dir, extra_metadata={"training": metadata})
+        # save_adapter replaces the directory as a whole: other ranks write their RNG state into it only after.
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         perft = _perft_model(model if model is not None else self.model)

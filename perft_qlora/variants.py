@@ -27,6 +27,8 @@ class BlockFacts:
     """K, the base router's experts per token."""
     renormalizes: bool
     """Whether the base router renormalises its top-K weights."""
+    gating: str = "softmax"
+    """The base router's score function (``routing.GATING``)."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,9 @@ def _perft_e_experts(config: PerftConfig, block: BlockFacts) -> int:
 VARIANTS: dict[str, Variant] = {
     "perft": Variant(
         num_experts=lambda c, b: c.num_experts,
-        router=lambda c, b, m, dtype: LearnedTopKRouter(b.hidden_size, m, c.top_k, b.renormalizes, c.router_init_std, dtype),
+        router=lambda c, b, m, dtype: LearnedTopKRouter(
+            b.hidden_size, m, c.top_k, b.renormalizes, c.router_init_std, dtype, gating=b.gating
+        ),
     ),
     "perft_e": Variant(num_experts=_perft_e_experts, router=lambda c, b, m, dtype: BaseRouterTap(b.top_k)),
     "perft_d": Variant(num_experts=lambda c, b: c.num_experts, router=lambda c, b, m, dtype: DenseGate(m)),

@@ -68,7 +68,7 @@ def _run(monkeypatch, backend, inputs, dout, dtype, activation, formulation="aut
     return (out, *(t.grad for t in leaves), w.grad)
 
 
-def _check(monkeypatch, formulation, case, tokens, experts, top_k, bottleneck, activation, dtype, blocks, seed=0):
+def _check(monkeypatch, formulation, case, tokens, experts, top_k, bottleneck, activation, dtype, blocks, seed=0, backend="triton"):
     g = torch.Generator().manual_seed(seed)
     weights, indices = _routing(case, tokens, experts, top_k, g)
     x = torch.randn(tokens, WIDTH, generator=g)
@@ -78,7 +78,7 @@ def _check(monkeypatch, formulation, case, tokens, experts, top_k, bottleneck, a
     inputs = tuple(t.to(DEVICE) for t in (x, down, up, weights, indices))
     truth = _run(monkeypatch, "truth", inputs, dout, torch.float64, activation)
     reference = _run(monkeypatch, "reference", inputs, dout, dtype, activation)
-    kernel = _run(monkeypatch, "triton", inputs, dout, dtype, activation, formulation, blocks)
+    kernel = _run(monkeypatch, backend, inputs, dout, dtype, activation, formulation, blocks)
     for name, k, r, t in zip(("out", "dx", "ddown", "dup", "dweights"), kernel, reference, truth):
         assert k.dtype == r.dtype and k.shape == r.shape, name
         assert_flash_rule(f"{formulation}/{case}/{name}", k, r, t, dtype=dtype)

@@ -26,12 +26,14 @@ def test_kernels_smoke_run_writes_every_method(tmp_path, capsys):
     assert main(["kernels", "--smoke", "--out", str(out)]) == 0
     table = capsys.readouterr().out
     assert "not a benchmark" in table
-    rows = json.loads(out.read_text())["rows"]
+    record = json.loads(out.read_text())
+    assert "backend_choices" in record and "requested_backend" in record
+    rows = record["rows"]
     methods = {(r["part"], r["method"].split(": ")[-1], r["passes"]) for r in rows}
-    for method in ("nf4-triton", "bf16-grouped_mm", "bnb-dequant+grouped_mm"):
+    for method in ("nf4-triton", "nf4-grouped", "bf16-grouped_mm", "bnb-dequant+grouped_mm"):
         for passes in ("forward", "forward(train)", "backward(dx)"):
             assert ("mlp", method, passes) in methods
-    for method in ("reference", "triton-sorted", "triton-dense"):
+    for method in ("reference", "triton-sorted", "triton-dense", "grouped-sorted", "grouped-dense"):
         assert ("adapter", method, "forward+backward") in methods
     # CPU: float32 everywhere, so methods agree to float32 rounding. CUDA: bf16, whose 8-bit mantissa
     # (4e-3 per rounding) through two GEMMs allows ~1e-2 between two bf16 implementations.

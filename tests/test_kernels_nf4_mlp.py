@@ -103,6 +103,13 @@ def test_matches_reference_fp16_plain_absmax_default_blocks(monkeypatch):
     _check(monkeypatch, "random_with_empty_expert", 29, 2, torch.float16, double_quant=False, blocks=None, seed=1)
 
 
+def test_matches_reference_largest_table_tile_fp32(monkeypatch):
+    """The m=128 training tile of NF4_TILES (BN = BK = 64 < H = I = 192: tails in N and K)."""
+    from perft_qlora.kernels.triton_nf4_mlp import NF4_TILES
+
+    _check(monkeypatch, "random_with_empty_expert", 41, 3, torch.float32, double_quant=True, blocks=NF4_TILES[None], seed=3)
+
+
 def _spy_on_stores(monkeypatch):
     """Record (store_ab flag, stored pre-activation values) of every fused gate/up forward."""
     from perft_qlora.kernels import ops

@@ -208,3 +208,19 @@ def test_compare_variants_routing(compare_variants):
         assert outputs(nb, "image/png"), "matplotlib is installed, so the routing heat maps should be drawn"
     else:
         assert "matplotlib is not installed" in stream_text(nb)
+
+
+def test_compare_variants_analysis(compare_variants):
+    """The last cells run ``python -m perft_qlora.analyze`` on the routed variants and show its tables and plots."""
+    nb, out = compare_variants
+    with open(out / "analysis" / "analysis.json") as handle:
+        result = json.load(handle)
+    assert sorted(result["adapters"]) == ["perft", "perft_e", "perft_s"]  # LoRA has no PEFT experts to place
+    assert result["settings"]["tokens"] > 0 and sorted(result["layers"]) == ["0", "1"]
+    shown = [text for text in outputs(nb, "text/markdown") if text.startswith("# Analysis of")]
+    assert len(shown) == 1 and "## Routing of real tokens" in shown[0]
+    files = [figure["file"] for figure in result["figures"]]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert "layer0_map.png" in files and all((out / "analysis" / name).is_file() for name in files)
+    else:
+        assert files == [] and "plots need matplotlib" in shown[0] + stream_text(nb)

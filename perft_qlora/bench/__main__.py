@@ -11,6 +11,8 @@ import sys
 COMMANDS = {
     "kernels": ("perft_qlora.bench.kernels", "fused NF4 expert MLP and routed adapter vs grouped_mm baselines"),
     "train": ("perft_qlora.bench.train", "training tokens/s and memory: perft_qlora vs hf-qlora, hf-bf16, bnb-param4"),
+    "generate": ("perft_qlora.bench.generate", "greedy decode tokens/s per kernel backend, 1 stream and a batch"),
+    "gpu-check": ("perft_qlora.bench.gpu_check", "everything a GPU session measures, in one time-boxed run"),
 }
 
 

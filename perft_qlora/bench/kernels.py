@@ -4,6 +4,8 @@ For each model layer shape (OLMoE, Mixtral) and token count, on one routed probl
 top-K), times forward and input-gradient backward of:
 
 - ``nf4-triton``: the fused NF4 grouped expert MLP (``kernels.ops.NF4ExpertMLPFunction``);
+- ``nf4-grouped``: the ``grouped`` backend (``kernels.grouped``): bitsandbytes dequantizes the experts
+  (only the rows' experts when rows < experts), ``grouped_mm``, dequantized again in backward;
 - ``bf16-grouped_mm``: bf16 experts already in memory, ``grouped_mm`` for gate_up and down;
 - ``bnb-dequant+grouped_mm``: bitsandbytes dequantizes each whole NF4 tensor to bf16 on every access
   (forward and again in backward), then ``grouped_mm``: what ``replace_parameter_4bit`` does today;
@@ -25,7 +27,16 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..kernels import ops, pick_formulation, routed_adapter_reference, sort_by_expert
+from ..kernels import (
+    backend_choices,
+    grouped_nf4_expert_mlp,
+    grouped_routed_adapter,
+    ops,
+    pick_formulation,
+    routed_adapter_reference,
+    sort_by_expert,
+)
+from ..kernels.grouped import grouped_mm
 from ..nf4 import NF4Weight
 
 SHAPES = {  # experts E, hidden H, intermediate I, top-K
@@ -63,11 +74,8 @@ def _peak_mib(fn, device: torch.device) -> float | None:
 
 
 def _grouped_mm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``a[rows of e] @ w[e]`` for sorted rows: ``F.grouped_mm`` on CUDA, a loop elsewhere (smoke runs)."""
-    if a.is_cuda:
-        return F.grouped_mm(a, w, offs=offsets[1:].to(torch.int32))
-    parts = [a[offsets[e] : offsets[e + 1]] @ w[e] for e in range(w.shape[0])]
-    return torch.cat(parts)
+    """``a[rows of e] @ w[e]`` for sorted rows: ``F.grouped_mm`` (torch 2.13 runs it on CPU too)."""
+    return grouped_mm(a, w, offsets)
 
 
 class _DequantGroupedLinear(torch.autograd.Function):
@@ -113,6 +121,7 @@ def _mlp_methods(gate_up, down):
     bf16 = (gate_up.dequantize(), down.dequantize())  # the bf16 baseline keeps these resident
     return {
         "nf4-triton": lambda x, w, i: ops.NF4ExpertMLPFunction.apply(x, w, i, gate_up, down, "silu", None),
+        "nf4-grouped": lambda x, w, i: grouped_nf4_expert_mlp(x, gate_up, down, w, i, F.silu),
         "bf16-grouped_mm": lambda x, w, i: _baseline_moe(
             x, *bf16, w, i, lambda a, wt, o: _grouped_mm(a, wt.transpose(1, 2), o)
         ),
@@ -171,9 +180,11 @@ def _adapter_methods(tokens: int, hidden: int, m: int, k: int, db: int, device, 
     methods = {
         "reference": lambda: routed_adapter_reference(*args, scaling=2.0),
         "triton-sorted": lambda: ops.SortedRoutedAdapterFunction.apply(*args, "identity", 2.0, None),
+        "grouped-sorted": lambda: grouped_routed_adapter(*args, None, 2.0, "sorted"),
     }
     if pick_formulation(m, db) == "dense":
         methods["triton-dense"] = lambda: ops.DenseRoutedAdapterFunction.apply(*args, "identity", 2.0, None)
+        methods["grouped-dense"] = lambda: grouped_routed_adapter(*args, None, 2.0, "dense")
     return methods
 
 
@@ -261,5 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     header = f"device: {name}; torch {torch.__version__}; dtype {dtype}"
     print(render(rows, header))
     if args.out:
-        _write_atomic(args.out, json.dumps(dict(device=name, torch=torch.__version__, rows=rows), indent=1))
+        record = dict(device=name, torch=torch.__version__, requested_backend=os.environ.get("PERFT_QLORA_KERNELS", "auto"),
+                      backend_choices=backend_choices(), rows=rows)
+        _write_atomic(args.out, json.dumps(record, indent=1))
     return 0

@@ -144,7 +144,14 @@ def run_setup(setup: str, path: str, args) -> dict:
         "setup": setup, "load_s": load_seconds, "load_peak_gib": load_peak / GIB, "weights_gib": weights / GIB,
         "train_peak_gib": peak_memory_bytes()[1] / GIB, "step_s": step, "tokens_per_s": args.batch * args.seq / step,
         "steps_timed": len(timer.times) - args.warmup,
+        "kernels": {"requested": os.environ.get("PERFT_QLORA_KERNELS", "auto"), **_kernel_choices()},
     }
+
+
+def _kernel_choices() -> dict:
+    from ..kernels import backend_choices  # the compute backend per op, as chosen during this run
+
+    return backend_choices()
 
 
 def render(rows: list[dict]) -> str:

@@ -1,11 +1,13 @@
 """Compute kernels and their plain-PyTorch references (see README.md in this folder).
 
-``nf4_expert_mlp`` and ``routed_adapter`` run fused Triton kernels on CUDA tensors and the references
-(``reference.py``) elsewhere; ``PERFT_QLORA_KERNELS=reference|triton`` forces either. Triton is
-optional: nothing here imports it until a kernel runs.
+``nf4_expert_mlp`` and ``routed_adapter`` run the ``grouped`` backend (bitsandbytes dequantize +
+``grouped_mm``) on CUDA tensors, the Triton kernels where the measured table says they are faster,
+and the references (``reference.py``) on CPU; ``PERFT_QLORA_KERNELS=auto|grouped|triton|reference``
+forces one. Triton is optional: nothing here imports it until a kernel runs.
 """
 
-from .dispatch import ENV_VAR, nf4_expert_mlp, pick_formulation, routed_adapter, select_backend
+from .dispatch import ENV_VAR, backend_choices, nf4_expert_mlp, pick_formulation, routed_adapter, select_backend
+from .grouped import dequantize_experts, grouped_nf4_expert_mlp, grouped_routed_adapter
 from .reference import (
     dequantize_nf4_reference,
     nested_absmax_reference,
@@ -20,8 +22,12 @@ __all__ = [
     "ENV_VAR",
     "ExpertSort",
     "TileSchedule",
+    "backend_choices",
+    "dequantize_experts",
     "dequantize_nf4_reference",
     "gate_matrix",
+    "grouped_nf4_expert_mlp",
+    "grouped_routed_adapter",
     "nested_absmax_reference",
     "nf4_expert_matmul",
     "nf4_expert_mlp",

@@ -1,18 +1,31 @@
-"""Compile every Triton kernel for a CUDA target without a GPU: ``python -m perft_qlora.kernels.compile_check``.
+"""Build every Triton kernel as the runtime does, for a CUDA target, without a GPU, and measure the code.
 
-The interpreter (the CPU tests) accepts programs the GPU compiler rejects, and the reverse; this
-runs the real compiler (Triton -> TTGIR -> LLVM -> PTX -> cubin with the bundled ptxas) for the bf16
-specialisation and default tiles of each kernel, so a kernel that would not build on the GPU fails
-in CI. It must run with ``TRITON_INTERPRET`` unset (the kernels must be JIT functions).
+``python -m perft_qlora.kernels.compile_check [--arch 90] [--json PATH]``
+
+The interpreter (the CPU tests) accepts programs the GPU compiler rejects, and the reverse. This runs
+the real compiler (Triton -> TTGIR -> LLVM -> PTX -> cubin with the bundled ptxas) for the bf16
+specialisation of every kernel, with what the runtime adds at a real layer shape: the 16-byte
+divisibility attribute on every pointer and on the layer sizes (all multiples of 16 in OLMoE and
+Mixtral; they change the code: wider loads, fewer masks). It builds every tile configuration of the
+tile tables (``NF4_TILES``, ``DENSE_TILES``, ``SORTED_TILES``, decode tiles included), the NF4
+kernels with plain and double-quantized absmax, and every activation. Per build it reports, from the
+cubin (``cuobjdump -res-usage``) and the PTX: registers, stack/local bytes (any is a failure: a
+spill), shared memory, the instruction count of the inner loop that holds the MMAs (the K-loop; the
+largest such loop), and the global loads in it by width in bytes (``ld.global`` and ``cp.async``).
+A CPU measurement of the generated code, not a timing. Run with ``TRITON_INTERPRET`` unset.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
+from typing import NamedTuple
 
 KINDS = {  # argument name -> Triton type of the bf16 specialisation
     "*bf16": "x a dout h_out ab_out y ab dab down up out dx ddown dup",
@@ -24,78 +37,194 @@ KINDS = {  # argument name -> Triton type of the bf16 specialisation
     "fp32": "scaling",
 }
 ARG_TYPES = {name: kind for kind, names in KINDS.items() for name in names.split()}
+DIVISIBLE_INTS = {"H", "I", "stride_x", "stride_d", "KA", "N", "OUT", "IN", "D"}
+"""Integer arguments that are multiples of 16 at every real layer shape: the runtime marks them so."""
+ACTS = ("silu", "relu", "gelu")
 
 
-def _kernels():
-    """(label, jit function, constexprs, blocks) for the largest default tiles of every kernel variant."""
-    from . import triton_adapter_dense as dense
-    from . import triton_adapter_sorted as srt
+class Build(NamedTuple):
+    label: str
+    fn: object
+    constexprs: dict
+    warps: int
+    stages: int
+
+
+def _nf4_builds() -> list[Build]:
     from . import triton_nf4_mlp as mlp
 
-    nf4 = mlp.default_nf4_blocks(num_rows=4096 * 8, num_experts=64)  # a training batch: m = 64
-    d = dense.default_dense_blocks(256)
-    s = srt.default_sorted_blocks(128)
-    tiles = dict(NESTED=True, QB=64, PREC="tf32", BM=nf4.m, BN=nf4.n, BK=nf4.k)
-    dense_tiles = dict(PREC="tf32", BT=d.t, BD=d.d, P=256)
-    sorted_tiles = dict(PREC="tf32", BM=s.m, BD=s.d, PDB=128)
-    return [
-        ("nf4 gate_up forward", mlp._gate_up_fwd_kernel, dict(ACT="silu", STORE_AB=True, **tiles), nf4),
-        ("nf4 down forward", mlp._rows_matmul_kernel, dict(TRANS_W=True, SCALE=True, **tiles), nf4),
-        ("nf4 gate_up backward", mlp._rows_matmul_kernel, dict(TRANS_W=False, SCALE=False, **tiles), nf4),
-        ("nf4 down backward", mlp._down_bwd_kernel, dict(ACT="silu", **tiles), nf4),
-        ("dense forward", dense._dense_fwd_kernel, dict(ACT="gelu", SAVE_H=True, **dense_tiles), d),
-        ("dense backward dx", dense._dense_bwd_dx_kernel, dict(ACT="identity", **dense_tiles), d),
-        ("dense backward dw", dense._dense_bwd_dw_kernel, dict(ACT="silu", **dense_tiles), d),
-        ("sorted forward", srt._sorted_fwd_kernel, dict(ACT="relu", SAVE_H=True, **sorted_tiles), s),
-        ("sorted backward dx", srt._sorted_bwd_dx_kernel, dict(ACT="gelu", **sorted_tiles), s),
-        ("sorted backward dw", srt._sorted_bwd_dw_kernel, dict(ACT="relu", **sorted_tiles), s),
-    ]
+    builds = []
+    for bound, b in mlp.NF4_TILES.items():
+        tile = f"m{b.m}n{b.n}k{b.k}w{b.warps}"
+        for nested in (True, False):
+            tiles = dict(NESTED=nested, QB=64, PREC="tf32", BM=b.m, BN=b.n, BK=b.k)
+            tag = f"{tile}{'' if nested else ' plain'}"
+            builds += [
+                Build(f"nf4 gate_up fwd {tag}", mlp._gate_up_fwd_kernel, dict(ACT="silu", STORE_AB=True, **tiles), b.warps, b.stages),
+                Build(f"nf4 down fwd {tag}", mlp._rows_matmul_kernel, dict(TRANS_W=True, SCALE=True, **tiles), b.warps, b.stages),
+                Build(f"nf4 gate_up bwd {tag}", mlp._rows_matmul_kernel, dict(TRANS_W=False, SCALE=False, **tiles), b.warps, b.stages),
+                Build(f"nf4 down bwd {tag}", mlp._down_bwd_kernel, dict(ACT="silu", **tiles), b.warps, b.stages),
+            ]
+        if bound is None:  # the other activations change the epilogue only: built at the largest tile
+            for act in ACTS[1:]:
+                builds.append(Build(f"nf4 gate_up fwd {tile} {act}", mlp._gate_up_fwd_kernel,
+                                    dict(tiles, ACT=act, STORE_AB=False, NESTED=True), b.warps, b.stages))
+                builds.append(Build(f"nf4 down bwd {tile} {act}", mlp._down_bwd_kernel, dict(tiles, ACT=act, NESTED=True),
+                                    b.warps, b.stages))
+    return builds
 
 
-def _resource_usage(cubin: bytes) -> str:
-    """``REG:n STACK:n`` from the cuobjdump bundled with Triton, or '' when it is not there."""
+def _adapter_builds() -> list[Build]:
+    from . import triton_adapter_dense as dense
+    from . import triton_adapter_sorted as srt
+
+    builds = []
+    for width, b in dense.DENSE_TILES.items():
+        tiles = dict(PREC="tf32", BT=b.t, BD=b.d, P=width)
+        acts = ACTS + ("identity",) if width == max(dense.DENSE_TILES) else ("silu",)
+        for act in acts:
+            tag = f"P{width} t{b.t}d{b.d}w{b.warps} {act}"
+            builds += [
+                Build(f"dense fwd {tag}", dense._dense_fwd_kernel, dict(ACT=act, SAVE_H=True, **tiles), b.warps, b.stages),
+                Build(f"dense bwd dx {tag}", dense._dense_bwd_dx_kernel, dict(ACT=act, **tiles), b.warps, b.stages),
+                Build(f"dense bwd dw {tag}", dense._dense_bwd_dw_kernel, dict(ACT=act, **tiles), b.warps, b.stages),
+            ]
+    for width, b in srt.SORTED_TILES.items():
+        tiles = dict(PREC="tf32", BM=b.m, BD=b.d, PDB=width)
+        tag = f"PDB{width} m{b.m}d{b.d}w{b.warps} silu"
+        builds += [
+            Build(f"sorted fwd {tag}", srt._sorted_fwd_kernel, dict(ACT="silu", SAVE_H=True, **tiles), b.warps, b.stages),
+            Build(f"sorted bwd dx {tag}", srt._sorted_bwd_dx_kernel, dict(ACT="silu", **tiles), b.warps, b.stages),
+            Build(f"sorted bwd dw {tag}", srt._sorted_bwd_dw_kernel, dict(ACT="silu", **tiles), b.warps, b.stages),
+        ]
+    return builds
+
+
+def builds() -> list[Build]:
+    """Every kernel specialisation the runtime can launch (bf16), one per tile table entry and variant."""
+    return _nf4_builds() + _adapter_builds()
+
+
+# measurements --------------------------------------------------------------------------------------
+
+_INSTRUCTION = re.compile(r"^\s*(@!?%\w+\s+)?[a-z][\w.]*[\s;]")
+_LABEL = re.compile(r"^(\$L__BB\d+_\d+):")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);")
+_LOAD_WIDTH = {"b8": 1, "u8": 1, "s8": 1, "b16": 2, "u16": 2, "b32": 4, "u32": 4, "f32": 4, "b64": 8, "u64": 8, "f64": 8}
+
+
+def _load_bytes(line: str) -> int | None:
+    """Bytes moved per thread by one global load instruction (None when the line is not one)."""
+    op = line.split()[0] if not line.lstrip().startswith("@") else line.split()[1]
+    if op.startswith("ld.global"):
+        parts = op.split(".")
+        vector = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
+        return vector * _LOAD_WIDTH.get(parts[-1], 0)
+    if op.startswith("cp.async.c") and ".shared.global" in op:
+        match = re.search(r"\],\s*(0x[0-9a-fA-F]+|\d+)", line)
+        return int(match[1], 0) if match else None
+    return None
+
+
+def kloop_metrics(ptx: str) -> dict:
+    """``k_loop_instructions`` and ``k_loop_loads`` ({bytes: count}) of the largest loop holding an MMA.
+
+    A loop is a label and the last branch back to it; its instructions are the lines between that are
+    not labels, directives (``.loc``) or comments.
+    """
+    lines = ptx.splitlines()
+    labels = {m[1]: i for i, line in enumerate(lines) if (m := _LABEL.match(line))}
+    back_edges: dict[str, int] = {}
+    for j, line in enumerate(lines):
+        m = _BRANCH.search(line)
+        if m and m[1] in labels and labels[m[1]] < j:
+            back_edges[m[1]] = j
+    best = dict(k_loop_instructions=0, k_loop_loads={})
+    for label, end in back_edges.items():
+        body = [s for s in lines[labels[label] + 1 : end + 1] if _INSTRUCTION.match(s) and not s.lstrip().startswith(".")]
+        if not any("mma" in s for s in body) or len(body) <= best["k_loop_instructions"]:
+            continue
+        loads = Counter(b for b in map(_load_bytes, body) if b)
+        best = dict(k_loop_instructions=len(body), k_loop_loads={str(k): v for k, v in sorted(loads.items())})
+    return best
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """``{"regs", "stack", "local"}`` from the cuobjdump bundled with Triton (empty when it is not there)."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
-        return ""
+        return {}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
         result = subprocess.run([tool, "-res-usage", handle.name], capture_output=True, text=True, check=False)
-    fields = [f for line in result.stdout.splitlines() if "REG:" in line for f in line.split()]
-    return " ".join(f for f in fields if f.startswith(("REG:", "STACK:")))
+    fields = dict(f.split(":", 1) for line in result.stdout.splitlines() if "REG:" in line for f in line.split() if ":" in f)
+    return dict(regs=int(fields["REG"]), stack=int(fields["STACK"]), local=int(fields["LOCAL"]))
 
 
-def compile_all(arch: int = 90, labels: list[str] | None = None) -> list[tuple[str, int, str]]:
-    """Compile the kernels for ``sm_{arch}``: (label, shared memory bytes, register use). Raises on a failure."""
-    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on"):
-        raise RuntimeError("unset TRITON_INTERPRET: the compile check needs JIT kernels, not interpreted ones")
+def compile_build(build: Build, arch: int):
+    """The compiled kernel of one build, with the runtime's divisibility attributes."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    results = []
-    for label, fn, constexprs, blocks in _kernels():
-        if labels and label not in labels:
+    names = build.fn.arg_names
+    signature = {n: "constexpr" if n in build.constexprs else ARG_TYPES[n] for n in names}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, n in enumerate(names)
+        if n not in build.constexprs and (signature[n].startswith("*") or n in DIVISIBLE_INTS)
+    }
+    source = ASTSource(build.fn, signature, constexprs=build.constexprs, attrs=attrs)
+    options = dict(num_warps=build.warps, num_stages=build.stages)
+    try:
+        return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    except Exception as error:
+        raise RuntimeError(f"{build.label} ({build.fn.__name__}) does not compile for sm_{arch}: {error}") from error
+
+
+def measure_all(arch: int = 90, match: str | None = None) -> list[dict]:
+    """Compile every build (label containing ``match``, if given) and measure it. Raises on a compile failure."""
+    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on"):
+        raise RuntimeError("unset TRITON_INTERPRET: the compile check needs JIT kernels, not interpreted ones")
+    rows = []
+    for build in builds():
+        if match and match not in build.label:
             continue
-        signature = {name: "constexpr" if name in constexprs else ARG_TYPES[name] for name in fn.arg_names}
-        source = ASTSource(fn, signature, constexprs=constexprs)
-        options = dict(num_warps=blocks.warps, num_stages=blocks.stages)
-        try:
-            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-        except Exception as error:
-            raise RuntimeError(f"{label} ({fn.__name__}) does not compile for sm_{arch}: {error}") from error
-        results.append((label, compiled.metadata.shared, _resource_usage(compiled.asm.get("cubin", b""))))
-    return results
+        compiled = compile_build(build, arch)
+        row = dict(label=build.label, kernel=build.fn.__name__, shared=compiled.metadata.shared)
+        row.update(resource_usage(compiled.asm.get("cubin", b"")))
+        row.update(kloop_metrics(compiled.asm["ptx"]))
+        rows.append(row)
+    return rows
+
+
+def spills(row: dict) -> bool:
+    return row.get("stack", 0) > 0 or row.get("local", 0) > 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perft_qlora.kernels.compile_check", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80 (A100) or 90 (H100)")
+    parser.add_argument("--match", help="only builds whose label contains this text")
+    parser.add_argument("--json", help="also write the measurements here")
     args = parser.parse_args(argv)
-    for label, shared, usage in compile_all(args.arch):
-        print(f"sm_{args.arch}  {label:<22} shared memory {shared / 1024:5.1f} KiB  {usage}")
+    import triton
+
+    rows = measure_all(args.arch, args.match)
+    for r in rows:
+        loads = " ".join(f"{k}B:{v}" for k, v in r["k_loop_loads"].items())
+        print(f"sm_{args.arch}  {r['label']:<44} regs {r.get('regs', '?'):>3}  stack {r.get('stack', '?')}  "
+              f"shared {r['shared'] / 1024:5.1f} KiB  k-loop {r['k_loop_instructions']:>4} instr  loads {loads}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(dict(arch=args.arch, triton=triton.__version__, rows=rows), handle, indent=1)
+    bad = [r["label"] for r in rows if spills(r)]
+    if bad:
+        print(f"spills or stack use in: {bad}", file=sys.stderr)
+        return 1
     return 0
 
 

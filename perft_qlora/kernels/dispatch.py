@@ -1,9 +1,15 @@
-"""The dispatch layer: each op runs its Triton kernels on CUDA tensors and its PyTorch reference elsewhere.
+"""The dispatch layer: which backend runs each op, and why (``PERFT_QLORA_KERNELS=auto|grouped|triton|reference``).
 
-``PERFT_QLORA_KERNELS`` overrides the choice: ``reference`` always takes the reference, ``triton``
-always takes the kernels (on CPU tensors only under ``TRITON_INTERPRET=1``, for tests) and raises
-when they cannot run; unset or ``auto`` picks by device and quietly takes the reference for shapes
-the kernels do not cover. Triton is imported only when a kernel is about to run, so it stays optional.
+- ``reference``: the plain-PyTorch specification (per-expert loop); the CPU path of ``auto``.
+- ``grouped``: bitsandbytes dequantize + ``torch.nn.functional.grouped_mm`` (``grouped.py``); the
+  default of ``auto`` on CUDA and the floor no CUDA configuration may fall below.
+- ``triton``: the fused kernels (on CPU tensors only under ``TRITON_INTERPRET=1``, for tests).
+
+``auto`` on CUDA takes ``grouped`` unless the measured table (``measured.py``, filled from benchmark
+runs, empty until one is run) says Triton is faster for the op, GPU capability and shape class. A
+Triton kernel that raises under ``auto`` falls back to ``grouped`` with a warning. Every choice is
+logged once (logger ``perft_qlora.kernels``) with its reason and kept in :func:`backend_choices` for
+the trainer's logs and the benchmark JSONs. Triton is imported only when a kernel is about to run.
 """
 
 from __future__ import annotations
@@ -11,15 +17,20 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import re
+import warnings
 
 import torch
 from transformers.activations import ACT2FN
 
+from . import measured
+from .grouped import grouped_nf4_expert_mlp, grouped_routed_adapter
 from .reference import nf4_expert_mlp_reference, routed_adapter_reference
 
 ENV_VAR = "PERFT_QLORA_KERNELS"
+BACKENDS = ("auto", "grouped", "triton", "reference")
 MIN_TRITON = (3, 4)
 """Oldest Triton the kernels are known to build with for sm_90 (compile_check, 3.4.0 to 3.9.0)."""
 KERNEL_ACTIVATIONS = ("silu", "relu", "gelu")
@@ -29,14 +40,41 @@ DENSE_MAX_WIDTH = 256
 MAX_SORTED_BOTTLENECK = 128
 """Largest DB the sorted adapter kernel keeps in registers."""
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+logger = logging.getLogger("perft_qlora.kernels")
+_CHOICES: dict[str, str] = {}
+_LOGGED: set[tuple[str, str, str]] = set()
 
 
 def requested_backend() -> str:
-    """``auto``, ``reference`` or ``triton`` from ``PERFT_QLORA_KERNELS`` (read on every call)."""
+    """``auto``, ``grouped``, ``triton`` or ``reference`` from ``PERFT_QLORA_KERNELS`` (read on every call)."""
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if value not in ("auto", "reference", "triton"):
-        raise ValueError(f"{ENV_VAR}={value!r} is not a backend: use 'reference', 'triton', or leave it unset (auto).")
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={value!r} is not a backend: use one of {', '.join(BACKENDS)} (unset means auto).")
     return value
+
+
+def backend_choices() -> dict[str, str]:
+    """``{op: "backend (reason)"}``: the latest choice per op in this process (for logs and benchmark JSONs)."""
+    return dict(_CHOICES)
+
+
+def shape_class(tokens: int, dims: str) -> str:
+    """Shape class of a call for the measured table: the layer dims and a token bucket."""
+    bucket = "decode" if tokens <= 16 else "small" if tokens <= 512 else "large"
+    return f"{dims}/{bucket}"
+
+
+def capability(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def _record(op: str, backend: str, reason: str) -> str:
+    _CHOICES[op] = f"{backend} ({reason})"
+    if (op, backend, reason) not in _LOGGED:
+        _LOGGED.add((op, backend, reason))
+        logger.info("%s: %s backend (%s)", op, backend, reason)
+    return backend
 
 
 def _check_routing(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
@@ -47,19 +85,41 @@ def _check_routing(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
         )
 
 
-def select_backend(op: str, x: torch.Tensor, unsupported: str | None) -> str:
-    """``"reference"`` or ``"triton"`` for one call of ``op`` on ``x``'s device.
+def select_backend(op: str, x: torch.Tensor, unsupported: str | None, grouped_unsupported: str | None = None, dims: str = "") -> str:
+    """``"reference"``, ``"grouped"`` or ``"triton"`` for one call of ``op`` on ``x``'s device.
 
-    ``unsupported`` is why the kernels cannot take this call (None when they can): ``auto`` then
-    falls back to the reference; a forced ``triton`` raises with that reason.
+    ``unsupported`` / ``grouped_unsupported``: why the Triton kernels / the grouped backend cannot
+    take this call (None when they can). ``auto`` then picks another backend; a forced one raises.
     """
     choice = requested_backend()
     if choice == "reference":
-        return "reference"
-    triton_ok = _triton_installed()
-    if choice == "auto":
-        return "triton" if x.is_cuda and triton_ok and unsupported is None else "reference"
-    if not triton_ok:
+        return _record(op, "reference", f"{ENV_VAR}=reference")
+    if choice == "grouped":
+        if grouped_unsupported is not None:
+            raise ValueError(f"{ENV_VAR}=grouped, but the {op} grouped backend cannot take this call: {grouped_unsupported}.")
+        return _record(op, "grouped", f"{ENV_VAR}=grouped")
+    if choice == "triton":
+        _check_triton_forced(op, x, unsupported)
+        return _record(op, "triton", f"{ENV_VAR}=triton")
+    if not x.is_cuda:
+        return _record(op, "reference", "auto on CPU tensors: the reference is the CPU path")
+    return _record(op, *_auto_cuda(op, x, unsupported, grouped_unsupported, dims))
+
+
+def _auto_cuda(op: str, x, unsupported, grouped_unsupported, dims: str) -> tuple[str, str]:
+    triton_ok = _triton_installed() and unsupported is None
+    cls, cap = shape_class(x.shape[0], dims), capability(x.device)
+    if measured.MEASURED.get((cap, op, cls)) == "triton" and triton_ok:
+        return "triton", f"measured faster than grouped on {cap} for {cls}"
+    if grouped_unsupported is None:
+        return "grouped", f"CUDA default; no measured entry for {cap} {cls} says triton is faster"
+    if triton_ok:
+        return "triton", f"grouped cannot take this call: {grouped_unsupported}"
+    return "reference", f"neither grouped ({grouped_unsupported}) nor triton ({unsupported or 'not installed'}) can take it"
+
+
+def _check_triton_forced(op: str, x, unsupported: str | None) -> None:
+    if not _triton_installed():
         raise RuntimeError(
             f"{ENV_VAR}=triton but triton>={'.'.join(map(str, MIN_TRITON))} is not installed: "
             f"pip install 'perft-qlora[triton]', or unset {ENV_VAR}."
@@ -68,7 +128,18 @@ def select_backend(op: str, x: torch.Tensor, unsupported: str | None) -> str:
         raise ValueError(f"{ENV_VAR}=triton, but the {op} kernel cannot take this call: {unsupported}. Unset {ENV_VAR} to fall back.")
     if not x.is_cuda:
         _check_interpreter(op)
-    return "triton"
+
+
+def _run_triton(op: str, kernel, fallback):
+    """``kernel()``; under ``auto`` a Triton failure warns and runs ``fallback()`` (grouped) instead."""
+    if requested_backend() != "auto":
+        return kernel()
+    try:
+        return kernel()
+    except Exception as error:  # noqa: BLE001 - any compiler/launch failure: the grouped floor takes over
+        warnings.warn(f"{op}: the Triton kernel raised {type(error).__name__}: {error}; falling back to grouped", stacklevel=3)
+        _record(op, "grouped", f"triton raised {type(error).__name__}")
+        return fallback()
 
 
 @functools.cache
@@ -138,6 +209,20 @@ def _nf4_unsupported(x, gate_up, down, hidden_act: str) -> str | None:
     return None
 
 
+def _grouped_unsupported(x, *widths: int) -> str | None:
+    """Why ``grouped_mm`` cannot take rows of these widths in x's dtype (its strides must be 16-byte multiples)."""
+    if x.dtype not in FLOAT_DTYPES or x.dim() != 2:
+        return f"x must be a 2-D float16/bfloat16/float32 tensor, got {tuple(x.shape)} {x.dtype}"
+    if x.is_cuda and x.dtype != torch.bfloat16:
+        # torch documents grouped_mm on CUDA for bf16 (sm >= 80); other dtypes await a GPU session's check
+        return f"torch grouped_mm on CUDA is documented for bfloat16, got {x.dtype}"
+    align = 16 // x.element_size()
+    odd = [w for w in widths if w % align]
+    if odd:
+        return f"grouped_mm needs row widths that are multiples of {align} {x.dtype} values, got {odd}"
+    return None
+
+
 def nf4_expert_mlp(x, gate_up, down, weights, indices, hidden_act: str, blocks=None) -> torch.Tensor:
     """Routed frozen gated-MLP experts in NF4: ``Σ_k w[t,k] · down_e(act(gate_e x_t) * up_e x_t)``.
 
@@ -148,13 +233,25 @@ def nf4_expert_mlp(x, gate_up, down, weights, indices, hidden_act: str, blocks=N
         out: (T, H) in x's dtype; differentiable in x and weights (the experts are frozen).
     """
     _check_routing(x, weights, indices)
-    backend = select_backend("NF4 expert MLP", x, _nf4_unsupported(x, gate_up, down, hidden_act))
+    x, weights = _inputs_for_grad_mode(x, weights)
+    num_experts, two_inter, hidden = gate_up.shape
+    grouped_no = _grouped_unsupported(x, hidden, two_inter // 2)
+    if grouped_no is None and gate_up.packed.device != x.device:
+        grouped_no = f"gate_up_proj is on {gate_up.packed.device} but x is on {x.device}"
+    dims = f"E{num_experts}xH{hidden}xI{two_inter // 2}"
+    backend = select_backend("nf4_expert_mlp", x, _nf4_unsupported(x, gate_up, down, hidden_act), grouped_no, dims)
+    act_fn = _act_module(hidden_act)
     if backend == "reference":
-        return nf4_expert_mlp_reference(x, gate_up, down, weights, indices, _act_module(hidden_act))
+        return nf4_expert_mlp_reference(x, gate_up, down, weights, indices, act_fn)
+    if backend == "grouped":
+        return grouped_nf4_expert_mlp(x, gate_up, down, weights, indices, act_fn)
     if x.shape[0] == 0:
         return torch.zeros_like(x)
-    x, weights = _inputs_for_grad_mode(x.contiguous(), weights)
-    return _ops().NF4ExpertMLPFunction.apply(x, weights, indices.long(), gate_up, down, hidden_act, blocks)
+    return _run_triton(
+        "nf4_expert_mlp",
+        lambda: _ops().NF4ExpertMLPFunction.apply(x.contiguous(), weights, indices.long(), gate_up, down, hidden_act, blocks),
+        lambda: grouped_nf4_expert_mlp(x, gate_up, down, weights, indices, act_fn),
+    )
 
 
 # routed adapter -------------------------------------------------------------------------------------
@@ -204,23 +301,33 @@ def routed_adapter(
     Args:
         x: (T, D); down: (M, DB, D); up: (M, D, DB); weights, indices: (T, K).
         activation: None, an ``ACT2FN`` name, or any callable (callables run on the reference only).
-        formulation: ``auto`` (:func:`pick_formulation`), ``dense`` or ``sorted`` (Triton only).
+        formulation: ``auto`` (:func:`pick_formulation`), ``dense`` or ``sorted`` (Triton and grouped).
     Returns:
         out: (T, D) in x's dtype; differentiable in x, down, up and weights.
     """
     if formulation not in ("auto", "dense", "sorted"):
         raise ValueError(f"formulation must be 'auto', 'dense' or 'sorted', got {formulation!r}")
     _check_routing(x, weights, indices)
+    x, down, up, weights = _inputs_for_grad_mode(x, down, up, weights)
     if formulation == "auto":
         formulation = pick_formulation(down.shape[0], down.shape[1])
     unsupported = _adapter_unsupported(x, down, up, activation, formulation)
-    if select_backend("routed adapter", x, unsupported) == "reference":
-        act_fn = _act_module(activation) if isinstance(activation, str) else activation
+    grouped_no = _grouped_unsupported(x, x.shape[1])
+    if grouped_no is None and not (x.device == down.device == up.device):
+        grouped_no = f"x, down and up must be on one device, got {x.device}, {down.device}, {up.device}"
+    dims = f"M{down.shape[0]}xDB{down.shape[1]}xD{x.shape[1]}"
+    backend = select_backend("routed_adapter", x, unsupported, grouped_no, dims)
+    act_fn = _act_module(activation) if isinstance(activation, str) else activation
+    if backend == "reference":
         return routed_adapter_reference(x, down, up, weights, indices, activation=act_fn, scaling=scaling)
+    if backend == "grouped":
+        return grouped_routed_adapter(x, down, up, weights, indices, act_fn, scaling, formulation)
     if x.shape[0] == 0:
         return torch.zeros_like(x)
-    ops = _ops()
-    function = ops.DenseRoutedAdapterFunction if formulation == "dense" else ops.SortedRoutedAdapterFunction
-    x, down, up, weights = _inputs_for_grad_mode(x.contiguous(), down.contiguous(), up.contiguous(), weights)
-    args = (x, down, up, weights, indices.long())
-    return function.apply(*args, _activation_name(activation), float(scaling), blocks)
+    function = _ops().DenseRoutedAdapterFunction if formulation == "dense" else _ops().SortedRoutedAdapterFunction
+    args = (x.contiguous(), down.contiguous(), up.contiguous(), weights, indices.long())
+    return _run_triton(
+        "routed_adapter",
+        lambda: function.apply(*args, _activation_name(activation), float(scaling), blocks),
+        lambda: grouped_routed_adapter(x, down, up, weights, indices, act_fn, scaling, formulation),
+    )

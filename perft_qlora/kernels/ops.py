@@ -15,8 +15,12 @@ from .triton_nf4_mlp import NF4Blocks, default_nf4_blocks, down_backward, gate_u
 
 
 def _sum_slots(y: torch.Tensor, tokens: int, dtype: torch.dtype) -> torch.Tensor:
-    """(T*K, N) rows in slot order -> (T, N): fixed-order float32 sum over the K slots (deterministic)."""
-    return y.view(tokens, -1, y.shape[-1]).sum(dim=1, dtype=torch.float32).to(dtype)
+    """(T*K, N) rows in slot order -> (T, N): fixed-order sum over the K slots (deterministic).
+
+    Written in y's dtype with float32 accumulation (torch reduces bf16/fp16 in float32), so no (T, N)
+    float32 tensor is written and cast afterwards.
+    """
+    return y.view(tokens, -1, y.shape[-1]).sum(dim=1).to(dtype)
 
 
 class NF4ExpertMLPFunction(torch.autograd.Function):

@@ -29,13 +29,16 @@ class DenseBlocks:
     stages: int = 2
 
 
+DENSE_TILES = {  # padded hidden width P up to -> tiles that ptxas (sm_90) builds without register spills
+    32: DenseBlocks(t=32, d=64, warps=4),
+    128: DenseBlocks(t=32, d=64, warps=8),
+    256: DenseBlocks(t=16, d=32, warps=8),  # P = 256: the (P, BD) up tile is the big operand
+}
+
+
 def default_dense_blocks(width: int) -> DenseBlocks:
-    """Tiles for a padded hidden width P that ptxas (sm_90) builds without register spills."""
-    if width <= 32:
-        return DenseBlocks(t=32, d=64, warps=4)
-    if width <= 128:
-        return DenseBlocks(t=32, d=64, warps=8)
-    return DenseBlocks(t=16, d=32, warps=8)  # P = 256: the (P, BD) up tile is the big operand
+    """The ``DENSE_TILES`` entry for a padded hidden width P (at most 256)."""
+    return next(blocks for bound, blocks in DENSE_TILES.items() if width <= bound)
 
 
 @triton.jit

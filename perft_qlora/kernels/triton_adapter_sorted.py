@@ -3,7 +3,8 @@
 Rows are the (token, slot) pairs sorted by expert (``sorting.sort_by_expert``) in ``BM``-row tiles of
 one expert each. A program computes its rows' bottleneck ``x[token] down_e^T`` (BM, DB) over the whole
 of D, applies the activation and the gate weight, then multiplies by ``up_e`` one D-block at a time
-and adds the result into a float32 ``(T, D)`` accumulator with ``tl.atomic_add``: the K rows of a
+and adds the result into a float32 ``(T, D)`` accumulator with ``tl.atomic_add`` (relaxed: a ``red``
+instruction, no acquire/release fence; only the sum matters): the K rows of a
 token meet only there, so no ``(T*K, D)`` buffer is ever written. The weight gradients are one
 program per (expert, D-block) walking that expert's rows, with no atomics.
 """
@@ -30,9 +31,15 @@ class SortedBlocks:
     stages: int = 2
 
 
+SORTED_TILES = {  # padded bottleneck PDB up to -> tiles; 8 warps from PDB = 128 on (4 spill on sm_90)
+    64: SortedBlocks(warps=4),
+    128: SortedBlocks(warps=8),
+}
+
+
 def default_sorted_blocks(bottleneck: int) -> SortedBlocks:
-    """8 warps from DB > 64 on (PDB = 128 spills with 4 on sm_90)."""
-    return SortedBlocks(warps=8 if bottleneck > 64 else 4)
+    """The ``SORTED_TILES`` entry for a bottleneck DB (at most 128)."""
+    return next(blocks for bound, blocks in SORTED_TILES.items() if bottleneck <= bound)
 
 
 @triton.jit
@@ -70,7 +77,7 @@ def _sorted_fwd_kernel(
         d = d0 + tl.arange(0, BD)
         dmask = d < D
         y = tl.dot(z, _expert_tile(up, expert, c, cmask, d, dmask, D, DB, True), input_precision=PREC)  # (BM, BD)
-        tl.atomic_add(out32 + tok[:, None] * D + d[None, :], y, mask=rmask[:, None] & dmask[None, :])
+        tl.atomic_add(out32 + tok[:, None] * D + d[None, :], y, mask=rmask[:, None] & dmask[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -102,7 +109,7 @@ def _sorted_bwd_dx_kernel(
         d = d0 + tl.arange(0, BD)
         dmask = d < D
         y = tl.dot(dpre, _expert_tile(down, expert, c, cmask, d, dmask, D, DB, False), input_precision=PREC)
-        tl.atomic_add(dx32 + tok[:, None] * D + d[None, :], y, mask=rmask[:, None] & dmask[None, :])
+        tl.atomic_add(dx32 + tok[:, None] * D + d[None, :], y, mask=rmask[:, None] & dmask[None, :], sem="relaxed")
 
 
 @triton.jit

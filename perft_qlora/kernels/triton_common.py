@@ -90,8 +90,11 @@ def nf4_tile(
     # 64-bit only for the expert's base; offsets inside one expert (< 2^31 values) stay 32-bit.
     flat_row = rows.to(tl.int32) * IN  # (ROWS,) first element of each row within the expert
     half = tl.arange(0, COLS // 2)
-    bmask = rmask[:, None] & ((c0 + 2 * half) < IN)[None, :]
-    byte = tl.load(packed + base // 2 + (flat_row[:, None] + c0 + 2 * half[None, :]) // 2, mask=bmask, other=0)
+    # Byte offsets as (row start)//2 + half, the mask on half: the compiler sees COLS//2 contiguous bytes
+    # per row and, with IN % 16 == 0 at the runtime's divisibility, emits 8-byte loads instead of single
+    # bytes (flat_row + c0 is even: IN and c0 are multiples of QB).
+    bmask = rmask[:, None] & ((c0 // 2 + half) < IN // 2)[None, :]
+    byte = tl.load(packed + base // 2 + ((flat_row + c0) // 2)[:, None] + half[None, :], mask=bmask, other=0)
     qb = tl.arange(0, NB)
     block = (base // QB).to(tl.int32) + (flat_row[:, None] + c0 + QB * qb[None, :]) // QB  # (ROWS, NB) block ids
     smask = rmask[:, None] & ((c0 + QB * qb) < IN)[None, :]

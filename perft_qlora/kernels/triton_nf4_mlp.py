@@ -35,15 +35,26 @@ class NF4Blocks:
     stages: int = 3
 
 
-def default_nf4_blocks(num_rows: int, num_experts: int) -> NF4Blocks:
-    """Row tile from the mean rows per active expert: 16 when decoding, up to 64 for training batches.
+NF4_TILES = {  # mean rows per active expert up to -> tiles (BM can't go under triton.autotune: the schedule uses it)
+    16: NF4Blocks(m=16, warps=4),  # decode
+    32: NF4Blocks(m=32, warps=4),
+    128: NF4Blocks(m=64, warps=8),
+    None: NF4Blocks(m=128, warps=8),  # training batches (OLMoE 16x256 tokens: 512 rows per expert)
+}
+"""Tile table of the NF4 kernels, by mean rows per active expert (``None``: any larger). ``compile_check``
+builds every entry (sm_90, Triton 3.9, runtime attributes): none spills; m=128 does twice m=64's MMA
+work per K-step in the same ~380-instruction gate_up loop (157 vs 112 registers). BN=128 at m=128
+spills (gate_up forward 16 B, down backward 792 B of stack), so N stays 64. Which tile is fastest is
+the GPU benchmark's call (``bench gpu-check``)."""
 
-    8 warps at m=64: with 4, ptxas (sm_90, Triton 3.9) spills the two gate/up accumulators and the
-    dequantized tiles. Throughput-tuned sizes are the GPU session's job (see README.md).
-    """
+
+def default_nf4_blocks(num_rows: int, num_experts: int) -> NF4Blocks:
+    """The ``NF4_TILES`` entry for the mean rows per active expert (16 when decoding, more in training)."""
     per_expert = num_rows / max(1, min(num_experts, num_rows))
-    m = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
-    return NF4Blocks(m=m, warps=8 if m >= 64 else 4)
+    for bound, blocks in NF4_TILES.items():
+        if bound is None or per_expert <= bound:
+            return blocks
+    raise AssertionError("NF4_TILES needs a None entry")
 
 
 @triton.jit

@@ -1,0 +1,381 @@
+"""Data parallel with two CPU processes (`accelerate launch` -> torchrun, gloo) against one process.
+
+The launched command is the README's: ``accelerate launch --config_file examples/accelerate/ddp.yaml -m
+perft_qlora.train ...``. Parity needs float32 compute (``--base-dtype float32``: bf16 matmuls round differently
+for different batch shapes) and rows of one token length (padding would change the routed token counts).
+What is averaged where is stated in ``perft_qlora/distributed.py``'s module docstring; each claim has a test here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from perft_qlora import distributed
+from perft_qlora.checkpoint import WEIGHTS_NAME
+from perft_qlora.nf4 import NF4Weight
+from perft_qlora.train import run
+from perft_qlora.train_options import parse_args
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DDP_CONFIG = os.path.join(REPO, "examples", "accelerate", "ddp.yaml")
+STEPS = 4
+
+
+def equal_length_rows(path) -> str:
+    """64 distinct rows of exactly the same token length (byte tokenizer: same number of bytes)."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(64):
+        word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(12))
+        letter = rng.choice("abcdefghijklmnopqrstuvwxyz")
+        answer = "yes" if letter in word else "nop"
+        rows.append({"instruction": f"Does '{word}' contain '{letter}'?", "input": "", "output": f"the answer is {answer}"})
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+def common(data: str, out, *extra) -> list[str]:
+    return [
+        "--demo", "--data", data, "--output-dir", str(out), "--max-steps", str(STEPS), "--val-size", "0",
+        "--max-length", "256", "--logging-steps", "1", "--warmup-steps", "0", "--save-steps", "2",
+        "--base-dtype", "float32", "--global-batch-size", "4", *extra,
+    ]
+
+
+def launch(options: list[str]) -> str:
+    """Run ``perft_qlora.train`` in 2 processes; returns stdout + stderr. A free port: tests may run side by side."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", DDP_CONFIG, "--num_processes", "2",
+               "--main_process_port", str(port), "-m", "perft_qlora.train", *options]
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    return output
+
+
+def adapter(directory) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(directory, WEIGHTS_NAME))
+
+
+def assert_same_adapter(got, expected, atol):
+    assert got.keys() == expected.keys()
+    for key in got:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=atol, msg=key)
+
+
+def train_logs(history) -> dict[int, dict]:
+    return {entry["step"]: entry for entry in history if "loss" in entry}
+
+
+def launched_logs(out) -> dict[int, dict]:
+    with open(os.path.join(out, f"checkpoint-{STEPS}", "trainer_state.json")) as handle:
+        return train_logs(json.load(handle)["log_history"])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return equal_length_rows(tmp_path_factory.mktemp("rows") / "rows.json")
+
+
+@pytest.fixture(scope="module")
+def ddp_perft(tmp_path_factory, data):
+    """PERFT (own router, both balance losses on) in 2 processes, global batch 4 = 2 per rank."""
+    out = tmp_path_factory.mktemp("ddp-perft")
+    output = launch(common(data, out))
+    return out, output
+
+
+@pytest.mark.slow
+def test_ddp_equals_one_process_accumulating_the_same_micro_batches(ddp_perft, data, tmp_path):
+    """Balance losses per rank, gradients averaged by DDP == one process, --grad-accum 2 over the same micro-batches."""
+    out, _ = ddp_perft
+    single = run(parse_args(common(data, tmp_path, "--grad-accum", "2")))
+    assert single.args.per_device_train_batch_size == 2  # --global-batch-size 4 / (1 rank x 2 accumulation steps)
+    assert_same_adapter(adapter(out / "adapter"), adapter(tmp_path / "adapter"), atol=1e-6)
+    got, expected = launched_logs(out), train_logs(single.state.log_history)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in got:
+        for key in ("loss", "grad_norm", "aux_loss", "perft_aux_loss"):  # logged: means over ranks and accum. steps
+            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-5), (step, key)
+
+
+@pytest.mark.slow
+def test_routing_statistics_count_the_tokens_of_both_ranks(ddp_perft, data, tmp_path):
+    """At step 1 (same initial adapter) the logged routing equals one process's over the whole global batch of 4."""
+    out, _ = ddp_perft
+    single = run(parse_args(common(data, tmp_path, "--max-steps", "1")))
+    assert single.args.per_device_train_batch_size == 4
+    got, expected = launched_logs(out)[1], train_logs(single.state.log_history)[1]
+    keys = [k for k in expected if k.startswith("routing/")]
+    assert len(keys) == 4
+    for key in keys:
+        assert got[key] == pytest.approx(expected[key], abs=1e-9), key
+
+
+@pytest.mark.slow
+def test_only_rank_0_writes_checkpoints_and_log_lines(ddp_perft):
+    out, output = ddp_perft
+    assert sorted(os.listdir(out)) == ["README.md", "adapter", "base", "checkpoint-2", f"checkpoint-{STEPS}"]
+    for step in (2, STEPS):
+        files = set(os.listdir(out / f"checkpoint-{step}"))
+        # one adapter and optimizer (rank 0), one RNG state per rank, nothing left over from a second writer
+        assert files == {"adapter_config.json", WEIGHTS_NAME, "optimizer.pt", "scheduler.pt", "trainer_state.json",
+                         "rng_state_0.pth", "rng_state_1.pth"}, files
+    assert output.count("{'loss'") == STEPS  # the Trainer's log lines: rank 0 only
+
+
+@pytest.mark.slow
+def test_resume_under_ddp_reproduces_the_uninterrupted_run(ddp_perft, data, tmp_path):
+    out, _ = ddp_perft
+    shutil.copytree(out / "checkpoint-2", tmp_path / "checkpoint-2")
+    output = launch(common(data, tmp_path, "--resume"))
+    assert_same_adapter(adapter(tmp_path / "adapter"), adapter(out / "adapter"), atol=1e-7)
+    assert "Continuing training from checkpoint" in output or (tmp_path / f"checkpoint-{STEPS}").is_dir()
+    got, expected = launched_logs(tmp_path), launched_logs(out)
+    for step in (3, 4):
+        assert got[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_equals_one_process_with_the_same_global_batch(data, tmp_path):
+    """Without balance losses the 2-rank run is the 1-process run of batch 4 (token-normalised loss over both ranks)."""
+    options = ["--variant", "perft_e", "--base-aux-loss-coef", "0"]  # perft_e: no PERFT router, so no perft_aux_loss
+    launch(common(data, tmp_path / "ddp", *options))
+    single = run(parse_args(common(data, tmp_path / "one", *options)))
+    got, expected = launched_logs(tmp_path / "ddp"), train_logs(single.state.log_history)
+    for step in range(1, STEPS + 1):  # grad_norm is taken before clipping: a gradient scaled by 2 would show here
+        for key in ("loss", "grad_norm"):
+            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-5), (step, key)
+    # Not bit-identical: the gradient sums run in another order (one batch of 4 vs two ranks' all-reduce), and
+    # AdamW's 1/sqrt(v) turns fp32 rounding of near-zero gradients into up to ~5e-6 after 4 steps (values ~2).
+    assert_same_adapter(adapter(tmp_path / "ddp" / "adapter"), adapter(tmp_path / "one" / "adapter"), atol=2e-5)
+
+
+# ---- rank-aware device choice and launch checks, with a faked multi-GPU environment --------------------------
+
+
+@pytest.fixture
+def two_gpu_rank_1(monkeypatch):
+    """Rank 1 of 2 on a node with two (fake) GPUs."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    return chosen
+
+
+def test_each_rank_loads_onto_its_own_gpu(two_gpu_rank_1, monkeypatch):
+    assert distributed.rank_device("cuda") == "cuda:1"
+    assert two_gpu_rank_1 == [1]
+    assert distributed.rank_device("cpu") == "cpu"
+    with pytest.raises(SystemExit, match="same GPU; pass --device cuda"):
+        distributed.rank_device("cuda:0")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(SystemExit, match="LOCAL_RANK 2 has no GPU of its own"):
+        distributed.rank_device("cuda")
+
+
+def test_train_loads_the_model_onto_the_rank_device(two_gpu_rank_1, monkeypatch, tmp_path):
+    """`python -m perft_qlora.train` under a launcher: load_model gets cuda:LOCAL_RANK, not cuda (= GPU 0)."""
+    from perft_qlora import train
+
+    loaded = {}
+
+    class Loaded(Exception):
+        pass
+
+    def fake_load(name, **kwargs):
+        loaded.update(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(distributed, "gather_fingerprints", lambda args, device: [distributed.options_fingerprint(args)] * 2)
+    monkeypatch.setattr(train, "load_model", fake_load)
+    monkeypatch.setattr(train, "is_main_process", lambda: False)  # rank 1 does not write the demo base
+    args = parse_args(["--demo", "--output-dir", str(tmp_path), "--device", "cuda"])
+    with pytest.raises(Loaded):
+        train.run(args)
+    assert loaded["device"] == "cuda:1" and args.device == "cuda:1"
+    assert not (tmp_path / "base").exists()
+
+
+def test_global_batch_must_divide_over_ranks_and_accumulation(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = parse_args(["--model", "m", "--data", "d.json", "--global-batch-size", "16", "--grad-accum", "2"])
+    distributed.resolve_global_batch(args)
+    assert args.batch_size == 4
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    args = parse_args(["--model", "m", "--data", "d.json", "--global-batch-size", "16"])
+    with pytest.raises(SystemExit, match=r"^error: --global-batch-size 16 is not divisible by 3 rank\(s\)"):
+        distributed.resolve_global_batch(args)
+
+
+def test_ranks_with_different_options_are_refused(monkeypatch):
+    one = parse_args(["--model", "m", "--data", "d.json"])
+    other = parse_args(["--model", "m", "--data", "d.json", "--learning-rate", "3e-5"])
+    same = parse_args(["--model", "m", "--data", "d.json", "--device", "cuda:1"])  # the device is the rank's own
+    assert distributed.options_fingerprint(one) == distributed.options_fingerprint(same)
+    prints = [distributed.options_fingerprint(a) for a in (one, one, other)]
+    distributed.check_same_options(prints[:2])
+    with pytest.raises(SystemExit, match=r"^error: the ranks were started with different options .*ranks \[2\]"):
+        distributed.check_same_options(prints)
+
+
+def test_options_an_engine_cannot_run_fail_with_one_line(monkeypatch):
+    args = parse_args(["--model", "m", "--data", "d.json", "--backend", "unsloth"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="^error: --backend unsloth runs in one process only"):
+        distributed.check_engine(args)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(SystemExit, match="^error: DeepSpeed is not supported"):
+        distributed.check_engine(args)
+
+
+def test_ddp_does_not_broadcast_the_nf4_buffers():
+    from perft_qlora.arch import get_arch
+    from perft_qlora.tiny import tiny_config
+    from perft_qlora.train_options import sft_config_from_args
+
+    args = parse_args(["--model", "m", "--data", "d.json", "--device", "cpu"])
+    config = sft_config_from_args(args, get_arch(tiny_config("olmoe")), has_validation=False)
+    # DDP's default re-sends every buffer from rank 0 before each forward: all the NF4 expert bytes, each step.
+    assert config.ddp_broadcast_buffers is False and config.ddp_find_unused_parameters is True
+
+
+def test_expert_fractions_in_one_process_are_the_routing_stats(tiny_nf4, token_batch):
+    from perft_qlora import PerftConfig, attach_perft, routing_stats
+
+    model, _ = tiny_nf4("olmoe")
+    attach_perft(model, PerftConfig(variant="perft", num_experts=4, top_k=2, bottleneck=4))
+    ids, mask = token_batch
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    fractions = distributed.expert_fractions(model)
+    assert fractions.keys() == {0, 1}
+    for layer, stats in routing_stats(model).items():
+        assert fractions[layer] == pytest.approx(stats["expert_fraction"])
+
+
+# ---- FSDP2 on CPU: what runs without accelerate (its FSDP plugin needs GPUs) ----------------------------------
+#
+# `python -m torch.distributed.run --nproc_per_node 2 tests/test_distributed.py BASE OUT` runs `fsdp_worker`:
+# `fully_shard` per decoder layer and on the root, as accelerate's FSDP2 plugin applies it. Sharded: the NF4
+# experts' storage (`NF4Weight.storage_as_parameters`: uint8 frozen parameters, which FSDP2 accepts as they are,
+# no float view needed), the float32 adapters and the unquantized weights. Replicated: bitsandbytes' uint8
+# `Params4bit` of the attention linears (`ignored_params`, as accelerate does: sharding drops their quant_state).
+
+
+def fsdp_reference_setup(base: str):
+    """The tiny model in float32 with a PERFT adapter (no dropout, no balance loss), and a batch of 4 rows."""
+    from perft_qlora import PerftConfig, attach_perft, load_model
+
+    model, _ = load_model(base, device="cpu", dtype=torch.float32, progress=False)
+    torch.manual_seed(0)
+    config = PerftConfig(variant="perft", num_experts=4, top_k=2, bottleneck=4, dropout=0.0, router_aux_loss_coef=0.0)
+    attach_perft(model, config, dtype=torch.float32)
+    model.activation_checkpointing_enable()
+    model.train()
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    return model, ids
+
+
+def train_two_steps(model, ids):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def fsdp_worker(base: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from perft_qlora.checkpoint import adapter_state_dict
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model, ids = fsdp_reference_setup(base)
+    experts = model.model.layers[0].mlp.base.experts
+    packed = experts.gate_up_proj.packed.clone()  # (E*out*in/2, 1) uint8
+    for module in model.modules():
+        if isinstance(module, NF4Weight):
+            module.storage_as_parameters()  # FSDP2 shards parameters only
+    ignored = {p for p in model.parameters() if type(p).__name__ == "Params4bit"}
+    for layer in model.model.layers:
+        fully_shard(layer, ignored_params=ignored)
+    fully_shard(model, ignored_params=ignored)
+    train_two_steps(model, ids[2 * rank : 2 * rank + 2])  # each rank: its half of the global batch
+    down = model.model.layers[0].mlp.perft_experts.down
+    report = {
+        "down_local_shape": list(down.to_local().shape),
+        "packed_local_rows": experts.gate_up_proj.packed.to_local().shape[0] / packed.shape[0],
+        "nf4_unchanged": torch.equal(experts.gate_up_proj.packed.full_tensor(), packed),
+    }
+    full = {k: v.full_tensor() for k, v in adapter_state_dict(model).items()}  # collective: every rank
+    if rank == 0:
+        torch.save({"report": report, "adapter": full}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_adapters_and_matches_one_process_on_cpu(tiny_checkpoint, tmp_path):
+    """2 gloo ranks under FSDP2 (NF4 experts + adapters sharded, activation checkpointing) == 1 process, batch 4."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base, out = tiny_checkpoint("olmoe"), tmp_path / "fsdp.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               os.path.abspath(__file__), base, str(out)]
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    result = torch.load(out)
+    # each rank holds 2 of the 4 PEFT experts and half of the NF4 expert storage; the storage is not modified
+    assert result["report"] == {"down_local_shape": [2, 4, 64], "packed_local_rows": 0.5, "nf4_unchanged": True}
+    model, ids = fsdp_reference_setup(base)
+    train_two_steps(model, ids)
+    from perft_qlora.checkpoint import adapter_state_dict
+
+    assert_same_adapter(result["adapter"], adapter_state_dict(model), atol=1e-6)
+
+
+def test_nf4_storage_as_parameters_keeps_keys_values_and_outputs(tiny_nf4, token_batch):
+    model, _ = tiny_nf4("olmoe")
+    ids, mask = token_batch
+    with torch.no_grad():
+        before, keys = model(input_ids=ids, attention_mask=mask).logits, set(model.state_dict())
+    weights = [m for m in model.modules() if isinstance(m, NF4Weight)]
+    for weight in weights:
+        weight.storage_as_parameters()
+    assert set(model.state_dict()) == keys
+    assert all(set(dict(w.named_parameters())) == {"packed", "absmax"} for w in weights)
+    assert not any(p.requires_grad for w in weights for p in w.parameters())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before)
+
+
+def test_fsdp_launch_is_refused_with_the_reason(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    args = parse_args(["--model", "m", "--data", "d.json"])
+    with pytest.raises(SystemExit, match="^error: FSDP is not supported yet: .*uint8 buffers"):
+        distributed.check_engine(args)
+
+
+if __name__ == "__main__":
+    fsdp_worker(*sys.argv[1:3])
