@@ -59,3 +59,13 @@ def token_batch():
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0
     return ids, mask
+
+
+def pytest_configure(config):
+    """Under tests/mutation/mutate.py: refuse to run against any package but the mutated copy."""
+    expected = os.environ.get("PERFT_QLORA_EXPECT_ROOT")
+    if expected:
+        import perft_qlora
+
+        if not os.path.abspath(perft_qlora.__file__).startswith(os.path.abspath(expected) + os.sep):
+            raise pytest.UsageError(f"perft_qlora imported from {perft_qlora.__file__}, not the copy in {expected}")

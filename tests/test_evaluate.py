@@ -31,11 +31,7 @@ def _randomize_experts(model) -> None:
 
 @pytest.fixture(scope="module")
 def saved_adapter(tiny_checkpoint, tmp_path_factory):
-    """A PERFT-E adapter for the tiny OLMoE with random weights, saved with save_adapter.
-
-    PERFT-E rather than PERFT: batched generation with a trainable PERFT router currently fails in the core
-    (see test_batched_generation_with_a_perft_router below).
-    """
+    """A PERFT adapter (own top-2-of-4 router) for the tiny OLMoE with random weights, saved with save_adapter."""
     model, _ = load_model(tiny_checkpoint("olmoe"), device="cpu", progress=False)
     attach_perft(model, PerftConfig(variant="perft", num_experts=4, top_k=2, bottleneck=8))
     _randomize_experts(model)
@@ -70,12 +66,19 @@ def test_generate_batch_left_padding_matches_unbatched(tiny_checkpoint):
         generate_batch(model, tokenizer, prompts, max_new_tokens=0)
 
 
-def test_batched_generation_with_a_perft_router(tiny_nf4):
-    model, tokenizer = tiny_nf4("olmoe")
-    attach_perft(model, PerftConfig(variant="perft", num_experts=4, top_k=2, bottleneck=8))
+def test_batched_generation_with_a_perft_router(tiny_checkpoint):
+    """Left-padded batches through a trainable PERFT router (the balance-loss hook sees the padded, cached
+    mask) give each prompt the continuation it gets alone, and the adapter changes what is generated."""
+    model, tokenizer = load_model(tiny_checkpoint("olmoe"), quantize="none", dtype=torch.float32, device="cpu")
+    prompts = ["Is ice cold?", "A much longer prompt that forces padding of the short one", "x"]
+    plain = generate_batch(model, tokenizer, prompts, max_new_tokens=6)
+    attach_perft(model, PerftConfig(variant="perft", num_experts=4, top_k=2, bottleneck=8), dtype=torch.float32)
+    _randomize_experts(model)
     model.eval()
-    texts = generate_batch(model, tokenizer, ["Is ice cold?", "x"], max_new_tokens=3)
-    assert len(texts) == 2
+    batched = generate_batch(model, tokenizer, prompts, max_new_tokens=6)
+    single = [generate_batch(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    assert batched == single
+    assert batched != plain
 
 
 # --- end to end on the tiny NF4 model --------------------------------------------------------------------

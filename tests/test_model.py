@@ -19,6 +19,12 @@ CONFIGS = {
     "perft_d": dict(variant="perft_d", num_experts=3),
     "perft_s": dict(variant="perft_s"),
 }
+SCALING = 2.0
+"""alpha / DB with the defaults DB = 16, alpha = 2 * DB (the authors' launch scripts), written out by hand."""
+BASE_EXPERTS = {"olmoe": 8, "mixtral": 4}
+"""N of the tiny configs (perft_qlora/tiny.py)."""
+PEFT_EXPERTS = {"perft": lambda arch: 4, "perft_e": BASE_EXPERTS.get, "perft_d": lambda arch: 3, "perft_s": lambda arch: 1}
+"""M per variant for CONFIGS: PERFT-E pairs one with each base expert, PERFT-S has exactly one."""
 
 
 def _randomize_adapters(model, seed=0):
@@ -42,23 +48,23 @@ def test_attached_model_equals_base_model_at_init(tiny_nf4, arch, variant, token
     assert len(list(iter_perft_blocks(model))) == 2
 
 
-def _loop_delta(block: PerftMoEBlock, h: torch.Tensor, variant: str, renormalize: bool) -> torch.Tensor:
+def _loop_delta(block: PerftMoEBlock, h: torch.Tensor, variant: str, renormalize: bool, m: int) -> torch.Tensor:
     """Per-token loop reference of the PEFT branch, straight from the method description (float32)."""
     experts, router = block.perft_experts, block.perft_router
-    down, up, s = experts.down.float(), experts.up.float(), experts.scaling
+    down, up, s = experts.down.float(), experts.up.float(), SCALING
     base_gate = block.base.gate.weight.float()
     out = torch.zeros(h.shape[0], h.shape[1])
     for t in range(h.shape[0]):
         u = h[t].float()
         if variant == "perft":
             probs = torch.softmax(router.weight.float() @ u, dim=-1)
-            w, j = torch.topk(probs, router.top_k)
+            w, j = torch.topk(probs, 2)  # K' = 2 in CONFIGS
         elif variant == "perft_e":
             probs = torch.softmax(base_gate @ u, dim=-1)
-            w, j = torch.topk(probs, block.base.gate.top_k)
-        else:
-            j = torch.arange(experts.num_experts)
-            w = torch.ones(experts.num_experts)
+            w, j = torch.topk(probs, 2)  # the tiny configs' K
+        else:  # PERFT-D / PERFT-S: every expert, weight 1
+            j = torch.arange(m)
+            w = torch.ones(m)
         if variant != "perft_d" and variant != "perft_s" and renormalize:
             w = w / w.sum()
         for weight, e in zip(w, j):
@@ -82,7 +88,9 @@ def test_each_variant_matches_a_per_token_loop(tiny_nf4, arch, variant):
         whole = block(h.to(torch.float32)).reshape(-1, 64)
         base_only = block.base.experts(h.reshape(-1, 64), bi, bw)
     renormalize = arch == "mixtral"
-    expected = _loop_delta(block, h.reshape(-1, 64), variant, renormalize)
+    m = PEFT_EXPERTS[variant](arch)
+    assert block.perft_experts.down.shape == (m, 16, 64) and block.perft_experts.up.shape == (m, 64, 16)
+    expected = _loop_delta(block, h.reshape(-1, 64), variant, renormalize, m)
     torch.testing.assert_close(delta.float(), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(whole.float(), (base_only.float() + expected), rtol=1e-4, atol=1e-4)
 
@@ -96,7 +104,8 @@ def test_perft_e_reuses_the_base_routers_choice(tiny_nf4, arch):
     _, bw, bi = block.base.gate(h)
     routing = block.perft_router(h, bw, bi)
     assert routing.indices is bi and routing.weights is bw and routing.logits is None
-    assert block.perft_experts.num_experts == model.config.num_experts if arch == "olmoe" else model.config.num_local_experts
+    assert block.perft_experts.num_experts == BASE_EXPERTS[arch]
+    assert routing.indices.shape == routing.weights.shape == (7, 2)
     with pytest.raises(ValueError, match="N=8"):
         attach_perft(tiny_nf4("olmoe")[0], PerftConfig(variant="perft_e", num_experts=4))
 

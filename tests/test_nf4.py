@@ -84,15 +84,15 @@ def _gated_mlp_loop(x, gate_up, down, idx, weights):
 
 def test_nf4_experts_forward_matches_loop_over_dequantized_weights_and_grads_reach_input():
     torch.manual_seed(0)
-    n, hidden, inter, tokens, k = 6, 64, 32, 13, 2
-    gate_up = NF4Weight.quantize(_experts(n, 2 * inter, hidden, seed=5))
-    down = NF4Weight.quantize(_experts(n, hidden, inter, seed=6))
+    n, hidden, inter, tokens, k = 6, 64, 64, 13, 2
+    w_gate_up, w_down = _experts(n, 2 * inter, hidden, seed=5), _experts(n, hidden, inter, seed=6)
+    gate_up, down = NF4Weight.quantize(w_gate_up), NF4Weight.quantize(w_down)
     experts = NF4Experts(gate_up, down, "silu")
     x = torch.randn(tokens, hidden, dtype=torch.float32, requires_grad=True)
     idx = torch.stack([torch.randperm(n - 1)[:k] for _ in range(tokens)])  # expert n-1 gets no token
     weights = torch.softmax(torch.randn(tokens, k), dim=-1)
     out = experts(x, idx, weights)
-    dense_gate_up, dense_down = _stack(gate_up), _stack(down)
+    dense_gate_up, dense_down = _bitsandbytes_round_trip(w_gate_up), _bitsandbytes_round_trip(w_down)
     ref = _gated_mlp_loop(x.detach(), dense_gate_up, dense_down, idx, weights)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     x_ref = x.detach().clone().requires_grad_(True)
@@ -103,9 +103,14 @@ def test_nf4_experts_forward_matches_loop_over_dequantized_weights_and_grads_rea
     assert not list(experts.parameters())
 
 
-def _stack(weight: NF4Weight) -> torch.Tensor:
-    # Per expert (not NF4Weight.dequantize): down_proj rows of 32 values are not whole blocks.
-    return torch.stack([weight.dequantize_expert(e, torch.float32) for e in range(weight.shape[0])])
+def _bitsandbytes_round_trip(weight: torch.Tensor) -> torch.Tensor:
+    """The expected dense weights, from bitsandbytes alone (quantize + dequantize the fused tensor), in float32.
+
+    Rows are whole 64-value blocks here: bitsandbytes' CPU dequantize is wrong otherwise (see NF4Weight).
+    """
+    # bf16 values are exact in float32: the same bytes as quantizing the bf16 tensor, dequantized without rounding.
+    packed, state = bnbF.quantize_4bit(weight.float(), blocksize=64, compress_statistics=True, quant_type="nf4")
+    return bnbF.dequantize_4bit(packed, state)
 
 
 def _dense_gated_mlp(x, gate_up, down, idx, weights):

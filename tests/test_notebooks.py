@@ -15,6 +15,8 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+from perft_qlora.tasks import TASKS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = ("quickstart", "compare_variants")
 VARIANTS = ("perft", "perft_e", "perft_d", "perft_s", "lora")
@@ -180,7 +182,14 @@ def test_compare_variants_accuracy_table(compare_variants):
     assert [row[0] for row in rows] == ["base", *VARIANTS]
     with open(out / "eval" / "summary.json") as handle:
         results = json.load(handle)["results"]
-    assert all(results[model]["demo"]["total"] == TINY_EVAL_LIMIT for model in ["base", *VARIANTS])
+    with open(out / "eval" / "predictions.jsonl") as handle:
+        records = [json.loads(line) for line in handle]
+    demo = TASKS["demo"]
+    for row in rows:  # each cell is the accuracy re-scored here from the raw generations
+        scored = [demo.is_correct(demo.extract(r["response"]), r["gold"]) for r in records if r["model"] == row[0]]
+        assert len(scored) == results[row[0]]["demo"]["total"] == TINY_EVAL_LIMIT
+        assert results[row[0]]["demo"]["correct"] == sum(scored)
+        assert row[1] == f"{100 * sum(scored) / len(scored):.1f}", row
 
 
 def test_compare_variants_routing(compare_variants):

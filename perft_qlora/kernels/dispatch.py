@@ -184,6 +184,13 @@ def _ops():
     return ops
 
 
+def _inputs_for_grad_mode(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` detached under ``no_grad``: an autograd.Function's ``ctx.needs_input_grad`` follows
+    ``requires_grad`` even then, so without this the kernels would store backward activations that no
+    backward will ever read (e.g. the adapters' parameters during generation)."""
+    return tensors if torch.is_grad_enabled() else tuple(t.detach() for t in tensors)
+
+
 # NF4 grouped expert MLP ---------------------------------------------------------------------------
 
 
@@ -226,6 +233,7 @@ def nf4_expert_mlp(x, gate_up, down, weights, indices, hidden_act: str, blocks=N
         out: (T, H) in x's dtype; differentiable in x and weights (the experts are frozen).
     """
     _check_routing(x, weights, indices)
+    x, weights = _inputs_for_grad_mode(x, weights)
     num_experts, two_inter, hidden = gate_up.shape
     grouped_no = _grouped_unsupported(x, hidden, two_inter // 2)
     if grouped_no is None and gate_up.packed.device != x.device:
@@ -300,6 +308,7 @@ def routed_adapter(
     if formulation not in ("auto", "dense", "sorted"):
         raise ValueError(f"formulation must be 'auto', 'dense' or 'sorted', got {formulation!r}")
     _check_routing(x, weights, indices)
+    x, down, up, weights = _inputs_for_grad_mode(x, down, up, weights)
     if formulation == "auto":
         formulation = pick_formulation(down.shape[0], down.shape[1])
     unsupported = _adapter_unsupported(x, down, up, activation, formulation)
