@@ -17,6 +17,9 @@ adapter, where the comparison app's info panel finds it.
 
 from __future__ import annotations
 
+from .cli import UsageError, add_debug_option, error_path  # first: quiets bitsandbytes' import-time notice (cli.py)
+
+# isort: split
 import argparse
 import importlib.util
 import os
@@ -28,7 +31,6 @@ from transformers import AutoConfig
 from .analysis import analyze, read_adapter_spec
 from .analysis_report import PLOTS_NEED, default_out_dir, write_analysis
 from .arch import get_arch
-from .cli import UsageError, add_debug_option, error_path
 from .prompts import DEFAULT_TEMPLATE, get_template
 from .records import read_records
 
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _check_inputs(args):
-    """``(config, layers, adapters, projection, template, texts)``, every input checked before loading."""
+    """``(layers, adapters, projection, template, texts)``, every input checked before loading."""
     if args.model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(args.model)):
         raise InputError(f"--model {args.model}: no such directory")
     try:
@@ -121,11 +123,11 @@ def _check_inputs(args):
     adapters = parse_adapters(args.adapter, config)
     projection = projection_method(args.projection)
     template = training_template(adapters)
-    return config, layers, adapters, projection, template, load_texts(args, template)
+    return layers, adapters, projection, template, load_texts(args, template)
 
 
 def _analyze(args, argv: list[str] | None) -> dict:
-    config, layers, adapters, projection, template, texts = _check_inputs(args)
+    layers, adapters, projection, template, texts = _check_inputs(args)
     out_dir = args.out or default_out_dir([s.directory for s in adapters])
     from .loader import load_model  # after the checks: importing the loader pulls in bitsandbytes
 
