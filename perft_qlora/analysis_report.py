@@ -92,7 +92,8 @@ def report_markdown(result: dict) -> str:
         (f"{result['model_type']}, {result['num_layers']} layers, {result['num_experts']} experts (top-{result['top_k']}), "
         f"hidden size {result['hidden_size']}. Adapters: {adapters}.  "),
         (f"Layers {s['layers']}; key vectors: {s['keys_per_expert']} `{s['keys']}` rows per expert (seed {s['seed']}); "
-        f"projection: {s['projection']}; routed tokens: {s['tokens']} from {s['texts']} texts."), "",
+        f"projection: {s['projection']}; routed tokens: {s['tokens']} from {s['texts']} texts"
+        + (f" in the `{s['template']}` prompt template." if s.get("template") else ".")), "",
     ]
     if result.get("command"):
         lines += [f"Command: `{result['command']}`", ""]

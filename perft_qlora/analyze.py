@@ -8,14 +8,18 @@
 Per chosen layer of the NF4 base (dequantizing one expert at a time): the base router's expert vectors,
 a sample of each expert's key memory vectors and each adapter's PEFT router vectors and down-projection
 rows, compared by cosine similarity and drawn in one 2-D projection (PCA; UMAP with ``umap-learn``).
-With ``--data``: each router's expert load and entropy on real tokens, and how often the PEFT router
-agrees with the base router. Writes ``analysis.json`` (every number), ``report.md`` and PNG plots
+With ``--data`` (rows in the prompt template the first adapter was trained with, ``released`` by default):
+each router's expert load and entropy on real tokens, and how often the PEFT router agrees with the base
+router. Writes ``analysis.json`` (every number), ``report.md`` and PNG plots
 (matplotlib: ``pip install -e ".[analyze]"``) to ``--out``, by default ``analysis/`` beside the first
 adapter, where the comparison app's info panel finds it.
 """
 
 from __future__ import annotations
 
+from .cli import UsageError, add_debug_option, error_path  # first: quiets bitsandbytes' import-time notice (cli.py)
+
+# isort: split
 import argparse
 import importlib.util
 import os
@@ -27,13 +31,12 @@ from transformers import AutoConfig
 from .analysis import analyze, read_adapter_spec
 from .analysis_report import PLOTS_NEED, default_out_dir, write_analysis
 from .arch import get_arch
-from .checkpoint import AdapterError
-from .prompts import format_prompt
-from .records import DataError, read_records
+from .prompts import DEFAULT_TEMPLATE, get_template
+from .records import read_records
 
 
-class InputError(ValueError):
-    """A bad command-line input, reported as one ``error:`` line before any model loads."""
+class InputError(UsageError):
+    """A bad command-line input, reported as one ``error:`` line before any model loads (``cli.error_path``)."""
 
 
 def parse_layers(spec: str | None, num_layers: int) -> list[int]:
@@ -75,33 +78,56 @@ def projection_method(choice: str) -> str:
     return ("umap" if has_umap else "pca") if choice == "auto" else choice
 
 
-def load_texts(args) -> list[str]:
-    """Up to ``--max-texts`` LLM-Adapters rows of ``--data``, in the training prompt template."""
+def training_template(adapters: list) -> str:
+    """The prompt template the adapters were trained with (``extra.training.template`` in their
+    ``adapter_config.json``; ``released`` where unrecorded or with no adapter); the first adapter's if they differ."""
+    trained = [((s.metadata.get("extra") or {}).get("training") or {}).get("template") or DEFAULT_TEMPLATE
+               for s in adapters]
+    if len(set(trained)) > 1:
+        named = ", ".join(f"{s.name}: {t}" for s, t in zip(adapters, trained))
+        print(f"warning: the adapters were trained with different templates ({named}); --data is routed in "
+              f"{adapters[0].name}'s", file=sys.stderr)
+    return trained[0] if trained else DEFAULT_TEMPLATE
+
+
+def load_texts(args, template: str = DEFAULT_TEMPLATE) -> list[str]:
+    """Up to ``--max-texts`` LLM-Adapters rows of ``--data``, as training showed them: ``template``'s prompt
+    followed by the output (``data.to_prompt_completion``)."""
     if args.data is None:
         return []
     records = read_records(args.data, required=("instruction", "output"), split=args.data_split)
     print(records.report(), file=sys.stderr)
-    return [format_prompt(r["instruction"], r.get("input", ""), r["output"]) for r in records.rows[: args.max_texts]]
+    render = get_template(template).train
+    return [render(r["instruction"], r.get("input", ""), "") + r["output"] for r in records.rows[: args.max_texts]]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Check every input, load the NF4 base, analyse, write; returns the paths written."""
+    """Check every input, load the NF4 base, analyse, write; returns the paths written.
+
+    Bad input ends as one ``error:`` line and exit status 1 before the model loads (``cli.error_path``)."""
     args = make_parser().parse_args(argv)
+    with error_path(args.debug, on_interrupt=lambda: "nothing was written"):
+        return _analyze(args, argv)
+
+
+def _check_inputs(args):
+    """``(layers, adapters, projection, template, texts)``, every input checked before loading."""
+    if args.model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(args.model)):
+        raise InputError(f"--model {args.model}: no such directory")
     try:
-        if args.model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(args.model)):
-            raise InputError(f"--model {args.model}: no such directory")
-        try:
-            config = AutoConfig.from_pretrained(os.path.expanduser(args.model))
-        except (OSError, ValueError) as err:
-            raise InputError(f"--model {args.model}: cannot read its config ({str(err).splitlines()[0]})") from None
-        get_arch(config)
-        layers = parse_layers(args.layers, config.num_hidden_layers)
-        adapters = parse_adapters(args.adapter, config)
-        projection = projection_method(args.projection)
-        texts = load_texts(args)
-    except (InputError, AdapterError, DataError, ValueError) as err:  # UnsupportedArchitectureError is a ValueError
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        config = AutoConfig.from_pretrained(os.path.expanduser(args.model))
+    except (OSError, ValueError) as err:
+        raise InputError(f"--model {args.model}: cannot read its config ({str(err).splitlines()[0]})") from None
+    get_arch(config)
+    layers = parse_layers(args.layers, config.num_hidden_layers)
+    adapters = parse_adapters(args.adapter, config)
+    projection = projection_method(args.projection)
+    template = training_template(adapters)
+    return layers, adapters, projection, template, load_texts(args, template)
+
+
+def _analyze(args, argv: list[str] | None) -> dict:
+    layers, adapters, projection, template, texts = _check_inputs(args)
     out_dir = args.out or default_out_dir([s.directory for s in adapters])
     from .loader import load_model  # after the checks: importing the loader pulls in bitsandbytes
 
@@ -110,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
                  for t in texts]
     result = analyze(model, adapters, layers, token_ids or None, keys=args.keys, keys_per_expert=args.keys_per_expert,
                      projection=projection, seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+    if texts:
+        result["settings"]["template"] = template
     command = "python -m perft_qlora.analyze " + shlex.join(argv if argv is not None else sys.argv[1:])
     written = write_analysis(result, out_dir, command)
     if not written["plots"]:
@@ -145,6 +173,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="key sampling and UMAP seed (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--out", help="output directory (default: analysis/ beside the first adapter, else ./analysis)")
+    add_debug_option(p)
     return p
 
 

@@ -55,6 +55,8 @@ def check_perft_config(args, config=None) -> PerftConfig | None:
     base model's ``config``, against it (``--layers``)."""
     from .train_options import perft_config_from_args
 
+    if config is not None:
+        check_base_balance_loss(args, config)
     if config is not None and args.layers is not None:
         layers = config.num_hidden_layers
         bad = [i for i in args.layers if not 0 <= i < layers]
@@ -72,6 +74,17 @@ def check_perft_config(args, config=None) -> PerftConfig | None:
         for field, option in _OPTION_NAMES.items():
             text = re.sub(rf"\b{field}\b", option, text)
         raise UsageError(f"{text}; fix the option (see --help)") from error
+
+
+def check_base_balance_loss(args, config) -> None:
+    """``--base-aux-loss-coef`` > 0 only for families whose base router takes the Switch balance loss: TRL's
+    loss reads ``config.num_experts``, which DeepSeek-V3 / GLM-4 configs lack (they balance by a score bias)."""
+    coef = getattr(args, "base_aux_loss_coef", None)
+    arch = get_arch(config)
+    if coef and not arch.base_balance_loss:
+        raise UsageError(f"--base-aux-loss-coef {coef}: {arch.model_type} has no Switch balance loss on its base router "
+                         "(it balances with a score-correction bias, and TRL's loss needs config.num_experts, which "
+                         f"{arch.model_type} configs lack); leave --base-aux-loss-coef out (0 for this family)")
 
 
 def check_output_dir(path: str) -> None:

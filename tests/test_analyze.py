@@ -192,7 +192,8 @@ def cli_run(tmp_path_factory, tiny_checkpoint):
                               ("other", PerftConfig(variant="perft_e", bottleneck=8))):
         model, _ = load_model(base, device="cpu", progress=False)
         attach_perft(model, config)
-        adapters.append(save_adapter(model, str(root / directory / "adapter")))
+        extra = {"training": {"template": "alpaca"}} if directory == "run" else None  # what training records
+        adapters.append(save_adapter(model, str(root / directory / "adapter"), extra_metadata=extra))
     main(["--model", base, "--adapter", f"perft={adapters[0]}", "--adapter", f"perft_e={adapters[1]}",
           "--data", _data_file(root / "rows.json"), "--max-length", "32", "--keys-per-expert", "8"])
     return root / "run" / "analysis", adapters
@@ -211,6 +212,26 @@ def test_cli_writes_json_markdown_and_pngs(cli_run):
     assert result["adapters"]["perft_e"]["directory"] == other and sorted(os.listdir(out.parent.parent / "other")) == [
         "adapter"]  # one report, beside the first adapter only
     assert result["command"].startswith("python -m perft_qlora.analyze --model")
+    assert result["settings"]["template"] == "alpaca"  # the first adapter's training template, not the default
+    assert "routed tokens" in (out / "report.md").read_text() and "in the `alpaca` prompt template" in (
+        out / "report.md").read_text()
+
+
+def test_data_is_routed_in_the_adapters_training_template(tmp_path):
+    from perft_qlora.analysis import AdapterSpec
+    from perft_qlora.analyze import load_texts, training_template
+    from perft_qlora.prompts import format_prompt, released_train_prompt
+
+    def spec(name, template):
+        return AdapterSpec(name, str(tmp_path), {"extra": {"training": {"template": template}}} if template else {})
+
+    assert training_template([]) == "released" and training_template([spec("a", None)]) == "released"
+    assert training_template([spec("a", "alpaca"), spec("b", None)]) == "alpaca"
+    args = types.SimpleNamespace(data=_data_file(tmp_path / "rows.json"), data_split="train", max_texts=2)
+    released, alpaca = load_texts(args, "released"), load_texts(args, "alpaca")
+    assert released == [released_train_prompt("Is cat a word?", "", "the correct answer is true"),
+                        released_train_prompt("Is dog a word?", "", "the correct answer is true")]
+    assert alpaca[0] == format_prompt("Is cat a word?", "", "the correct answer is true") != released[0]
 
 
 def test_every_number_in_the_report_is_in_the_json(cli_run):
@@ -261,7 +282,7 @@ def _error(capsys, argv) -> str:
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 1  # cli.error_path, as train and evaluate
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]

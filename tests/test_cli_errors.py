@@ -87,6 +87,16 @@ TRAIN_CASES = [  # (id, how to build the argv, expected text in the error line)
 ]
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
+def test_base_balance_loss_refused_where_the_config_has_no_num_experts(family, train_argv, tiny_checkpoint, no_loading,
+                                                                       capsys):
+    # TRL's balance loss reads config.num_experts, which these configs lack: refuse before loading, not crash in TRL.
+    line = single_error(capsys, train.main, train_argv("--variant", "perft_e", "--base-aux-loss-coef", "0.01",
+                                                       model=tiny_checkpoint(family)))
+    assert f"--base-aux-loss-coef 0.01: {family} has no Switch balance loss" in line
+    assert "config.num_experts" in line and "leave --base-aux-loss-coef out" in line
+
+
 @pytest.mark.parametrize("case, build, expected", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
 def test_train_bad_input_is_one_error_line_before_loading(case, build, expected, train_argv, tmp_path, no_loading,
                                                           capsys):

@@ -216,8 +216,9 @@ def test_compare_variants_analysis(compare_variants):
     nb, out = compare_variants
     with open(out / "analysis" / "analysis.json") as handle:
         result = json.load(handle)
-    assert sorted(result["adapters"]) == ["perft", "perft_e", "perft_s"]  # LoRA has no PEFT experts to place
-    assert result["settings"]["tokens"] > 0 and sorted(result["layers"]) == ["0", "1"]
+    assert sorted(result["adapters"]) == ["perft", "perft_d", "perft_e", "perft_s"]  # LoRA has no PEFT experts
+    assert result["settings"]["tokens"] > 0 and result["num_layers"] == 4  # the shipped demo base
+    assert sorted(result["layers"]) == [str(i) for i in range(4)]  # every layer by default
     shown = [text for text in outputs(nb, "text/markdown") if text.startswith("# Analysis of")]
     assert len(shown) == 1 and "## Routing of real tokens" in shown[0]
     files = [figure["file"] for figure in result["figures"]]
