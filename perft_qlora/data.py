@@ -1,6 +1,6 @@
 """LLM-Adapters rows -> the prompt/completion data set TRL's ``SFTTrainer`` tokenizes.
 
-Each row becomes ``{"prompt": template up to the response, "completion": output}``, where prompt + completion
+Each row becomes ``{"prompt": template up to ``### Response:``, "completion": the rest}``, where prompt + completion
 is the template's training text byte for byte (``released``: the authors' ``finetune.py`` bytes). SFTTrainer
 tokenizes both, appends EOS, truncates to ``max_length`` and, with ``completion_only_loss``, masks the
 prompt out of the loss. The authors' recipe trains on the whole sequence (``completion_only_loss=False``).
@@ -10,17 +10,26 @@ from __future__ import annotations
 
 from datasets import Dataset
 
-from .prompts import DEFAULT_TEMPLATE, get_template
+from .prompts import DEFAULT_TEMPLATE, RESPONSE_MARKER, get_template
 from .records import DataError, RecordSet
 
 
 def to_prompt_completion(records: RecordSet, template: str = DEFAULT_TEMPLATE) -> Dataset:
-    """One ``{"prompt", "completion"}`` example per valid row, in file order, rendered with ``template``."""
+    """One ``{"prompt", "completion"}`` example per valid row, in file order, rendered with ``template``.
+
+    The split falls right after ``### Response:``: the whitespace that follows it (a newline, and 16 spaces in
+    the released template) goes with the completion. Byte-level BPEs merge a whitespace run with the word after
+    it, so a prompt ending in spaces tokenizes differently alone than inside prompt + completion; TRL then drops
+    that end of the prompt (and warns). Prompt + completion stays the template's training text byte for byte.
+    """
     render = get_template(template).train
-    return Dataset.from_dict({
-        "prompt": [render(r["instruction"], r["input"], "") for r in records.rows],
-        "completion": [r["output"] for r in records.rows],
-    })
+    prompts, completions = [], []
+    for row in records.rows:
+        text = render(row["instruction"], row["input"], row["output"])
+        cut = text.rindex(RESPONSE_MARKER) + len(RESPONSE_MARKER)
+        prompts.append(text[:cut])
+        completions.append(text[cut:])
+    return Dataset.from_dict({"prompt": prompts, "completion": completions})
 
 
 def count_truncated(dataset: Dataset, tokenizer, max_length: int, sample: int = 2000) -> tuple[int, int]:

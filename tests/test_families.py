@@ -271,6 +271,7 @@ def test_the_training_cli_trains_each_family(tmp_path, family):
     trainer = run(parse_args([
         "--demo", "--model", base, "--output-dir", str(tmp_path / "out"), "--max-steps", "2", "--val-size", "0",
         "--batch-size", "2", "--max-length", "64", "--logging-steps", "1", "--save-steps", "100", "--warmup-steps", "0",
+        "--no-completion-only-loss",  # 64 tokens cut every response off: train on the (truncated) whole sequence
     ]))
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert "perft_aux_loss" in logs[-1]

@@ -82,6 +82,23 @@ def test_training_example_is_the_released_text_byte_for_byte():
     assert [row["prompt"] + row["completion"] for row in dataset] == [CASES[0][5], CASES[1][5]]
 
 
+@pytest.mark.parametrize("template", ["released", "alpaca"])
+def test_tokenized_prompt_is_a_prefix_of_prompt_plus_completion(template):
+    """TRL drops a prompt's end that tokenizes differently inside prompt + completion (16 spaces merge with the
+    answer's first word in a byte-level BPE): the split must fall where no token straddles it."""
+    from transformers import AutoTokenizer
+
+    from perft_qlora.demo_base import demo_base_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_base_dir())
+    rows = [{"instruction": "Is the text written in small letters? abc def", "input": "", "output": "the correct answer is true"},
+            {"instruction": "Repeat.", "input": "Hello there", "output": "Hello there"}]
+    for row in to_prompt_completion(RecordSet(source="mem", rows=rows), template):
+        prompt = tokenizer(row["prompt"], add_special_tokens=False).input_ids
+        full = tokenizer(row["prompt"] + row["completion"], add_special_tokens=False).input_ids
+        assert full[: len(prompt)] == prompt, template
+
+
 def test_scored_response_split_first_vs_last():
     generated = "solution1\n\n### Response:\nsolution2"
     prompt = TEMPLATES["released"].eval("Which?", "", "")

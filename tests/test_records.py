@@ -85,7 +85,8 @@ def test_prompt_template_matches_llm_adapters():
 def test_prompt_completion_dataset_and_validation_split(tmp_path):
     rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)]
     dataset = to_prompt_completion(read_records(_write(tmp_path / "d.json", rows)), "alpaca")
-    assert dataset[3] == {"prompt": format_prompt("q3"), "completion": "a3"}
+    assert dataset[3]["prompt"] + dataset[3]["completion"] == format_prompt("q3", response="a3")
+    assert dataset[3]["completion"] == "\na3"  # the split falls right after "### Response:"
     train, val = split_validation(dataset, 3)
     assert len(train) == 7 and len(val) == 3
     assert set(train["completion"]).isdisjoint(val["completion"])

@@ -73,11 +73,12 @@ def test_balance_loss_term_is_divided_by_the_accumulation_steps(tmp_path, monkey
     assert len(steps) == 2  # one optimizer step = two micro-batches
     for step in steps:
         assert step["coef"] == pytest.approx(0.01)
-        assert len(step["logits"]) == 2  # both layers' PERFT routers ran once in this forward
+        assert len(step["logits"]) == 4  # each of the demo base's 4 layers' PERFT routers ran once in this forward
         assert (step["mask"] == 0).any()  # the batch holds padding, which the term must ignore
         aux = masked_switch_loss(step["logits"], step["mask"], top_k=2)
         with_padding = masked_switch_loss(step["logits"], torch.ones_like(step["mask"]), top_k=2)
-        assert abs(with_padding - aux) > 1e-3 * aux  # enough padding that counting it would fail the check below
+        # enough padding that counting it would fail the check below (rtol 1e-4), with a margin of 3
+        assert abs(with_padding - aux) > 3e-4 * aux
         # The share of the backpropagated loss that is not the parent's: however the Trainer scales the
         # parent's loss for accumulation, the balance term must arrive as coef * LB / 2.
         scale = step["backward"] / step["total"]
