@@ -4,7 +4,7 @@
     python apps/compare.py --demo [--demo-dir perft-demo]      # shipped small base + demo adapter, CPU
 
 One base model is loaded once in NF4; adapters are switched per request without reloading it
-(``perft_qlora.chat.ChatModel``). The base model is always the first column. This file is layout and event
+(``perft_qlora.serving.chat.ChatModel``). The base model is always the first column. This file is layout and event
 wiring only: ``build_demo(chat)`` returns the ``gr.Blocks``, nothing is loaded at import, and ``__main__``
 serves on 127.0.0.1 unless ``--host`` says otherwise.
 """
@@ -21,8 +21,8 @@ import sys
 
 import gradio as gr
 
-from perft_qlora.analysis_report import adapter_analysis_markdown
-from perft_qlora.chat import (
+from perft_qlora.analysis.analysis_report import adapter_analysis_markdown
+from perft_qlora.serving.chat import (
     BASE,
     STYLES,
     ChatError,
@@ -299,7 +299,7 @@ def build_demo(chat: ChatModel, num_columns: int | None = None, errors: dict[str
 
 def build_demo_outputs(directory: str) -> None:
     """``python -m perft_qlora.train --demo --output-dir directory``, in this process."""
-    from perft_qlora.train import main as train_main
+    from perft_qlora.training.train import main as train_main
 
     train_main(["--demo", "--output-dir", directory])
 
@@ -368,8 +368,8 @@ def serve(args: argparse.Namespace) -> None:
         print(f"warning: adapter {name!r} not loaded: {err}", file=sys.stderr)
     examples = None
     if args.demo:
-        from perft_qlora.demo_data import demo_data_path
-        from perft_qlora.records import read_records
+        from perft_qlora.training.demo_data import demo_data_path
+        from perft_qlora.training.records import read_records
 
         examples = [(row["instruction"], row.get("input", "")) for row in read_records(demo_data_path("test")).rows[:3]]
     local = args.host in ("127.0.0.1", "localhost", "::1") and not args.share

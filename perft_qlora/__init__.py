@@ -7,15 +7,15 @@ logging (``cli.py``) before torch, transformers and bitsandbytes are imported.
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ARCHITECTURES": "arch", "UnsupportedArchitectureError": "arch",
-    "AdapterError": "checkpoint", "load_adapter": "checkpoint", "read_adapter_config": "checkpoint",
-    "save_adapter": "checkpoint",
-    "PerftConfig": "config",
-    "load_model": "loader",
-    "perft_balance_loss": "losses",
-    "memory_report": "memory",
-    "attach_perft": "model", "detach_perft": "model", "iter_perft_blocks": "model", "parameter_report": "model",
-    "routing_stats": "stats",
+    "ARCHITECTURES": "quant.arch", "UnsupportedArchitectureError": "quant.arch",
+    "AdapterError": "method.checkpoint", "load_adapter": "method.checkpoint", "read_adapter_config": "method.checkpoint",
+    "save_adapter": "method.checkpoint",
+    "PerftConfig": "method.config",
+    "load_model": "quant.loader",
+    "perft_balance_loss": "method.losses",
+    "memory_report": "quant.memory",
+    "attach_perft": "method.model", "detach_perft": "method.model", "iter_perft_blocks": "method.model", "parameter_report": "method.model",
+    "routing_stats": "method.stats",
 }
 
 __all__ = [

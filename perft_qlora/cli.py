@@ -75,13 +75,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     import torch
     from safetensors import SafetensorError
 
-    from .arch import UnsupportedArchitectureError
-    from .backends import BackendUnavailableError
-    from .checkpoint import AdapterError
-    from .predictions import PredictionsError
-    from .prompts import TemplateError
-    from .records import DataError
-    from .tasks import TaskError
+    from .quant.arch import UnsupportedArchitectureError
+    from .training.backends import BackendUnavailableError
+    from .method.checkpoint import AdapterError
+    from .evaluation.predictions import PredictionsError
+    from .evaluation.prompts import TemplateError
+    from .training.records import DataError
+    from .evaluation.tasks import TaskError
 
     return (UsageError, DataError, AdapterError, TaskError, PredictionsError, TemplateError,
             UnsupportedArchitectureError, BackendUnavailableError, SafetensorError, OSError, torch.OutOfMemoryError)

@@ -11,9 +11,9 @@ import json
 import os
 import re
 
-from .arch import ARCHITECTURES, get_arch
+from .quant.arch import ARCHITECTURES, get_arch
 from .cli import UsageError
-from .config import PerftConfig
+from .method.config import PerftConfig
 
 _OPTION_NAMES = {"num_experts": "--num-experts", "top_k": "--top-k", "bottleneck": "--bottleneck",
                  "dropout": "--adapter-dropout", "activation": "--activation", "variant": "--variant"}
@@ -53,7 +53,7 @@ def model_config(name: str, revision: str | None = None):
 def check_perft_config(args, config=None) -> PerftConfig | None:
     """The adapter config the options make (None for ``--variant lora``), checked on its own and, given the
     base model's ``config``, against it (``--layers``)."""
-    from .train_options import perft_config_from_args
+    from .training.train_options import perft_config_from_args
 
     if config is not None:
         check_base_balance_loss(args, config)

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 import pytest
 
 from perft_qlora import load_model
-from perft_qlora.tiny import save_tiny_model
+from perft_qlora.training.tiny import save_tiny_model
 
 ARCHS = ("olmoe", "mixtral")
 

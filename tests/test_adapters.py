@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from perft_qlora import AdapterError, PerftConfig, attach_perft, load_model, save_adapter
-from perft_qlora import evaluate
-from perft_qlora.adapters import adapter_kind, attach_saved_adapter, detach_adapter
-from perft_qlora.train import run
-from perft_qlora.train_options import parse_args
+from perft_qlora.evaluation import evaluate
+from perft_qlora.method.adapters import adapter_kind, attach_saved_adapter, detach_adapter
+from perft_qlora.training.train import run
+from perft_qlora.training.train_options import parse_args
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import perft_qlora.analysis_report as report_module
+import perft_qlora.analysis.analysis_report as report_module
 from perft_qlora import PerftConfig, attach_perft, iter_perft_blocks, load_model, save_adapter
-from perft_qlora.analysis import analyze, read_adapter_spec
-from perft_qlora.analyze import main
-from perft_qlora.geometry import chance_abs_cosine, project_2d
-from perft_qlora.stats import (
+from perft_qlora.analysis.analysis import analyze, read_adapter_spec
+from perft_qlora.analysis.analyze import main
+from perft_qlora.analysis.geometry import chance_abs_cosine, project_2d
+from perft_qlora.method.stats import (
     agreement,
     co_occurrence,
     imbalance,
@@ -26,7 +26,7 @@ from perft_qlora.stats import (
     routing_log,
     routing_stats,
 )
-from perft_qlora.tiny import save_tiny_model
+from perft_qlora.training.tiny import save_tiny_model
 
 N = 8  # tiny OLMoE experts; hidden 64, intermediate 64, 2 layers
 PERM = [3, 0, 7, 1, 6, 2, 5, 4]  # PEFT router vector j = base router vector PERM[j]
@@ -218,9 +218,9 @@ def test_cli_writes_json_markdown_and_pngs(cli_run):
 
 
 def test_data_is_routed_in_the_adapters_training_template(tmp_path):
-    from perft_qlora.analysis import AdapterSpec
-    from perft_qlora.analyze import load_texts, training_template
-    from perft_qlora.prompts import format_prompt, released_train_prompt
+    from perft_qlora.analysis.analysis import AdapterSpec
+    from perft_qlora.analysis.analyze import load_texts, training_template
+    from perft_qlora.evaluation.prompts import format_prompt, released_train_prompt
 
     def spec(name, template):
         return AdapterSpec(name, str(tmp_path), {"extra": {"training": {"template": template}}} if template else {})
@@ -261,7 +261,7 @@ def test_without_matplotlib_json_and_markdown_say_how_to_get_plots(cli_run, tmp_
 def test_app_info_panel_shows_the_analysis(cli_run, tiny_checkpoint):
     from test_app import load_app
 
-    from perft_qlora.chat import ChatModel
+    from perft_qlora.serving.chat import ChatModel
 
     _, (adapter, other) = cli_run
     chat = ChatModel(*load_model(tiny_checkpoint("olmoe"), device="cpu", progress=False), name="tiny")
@@ -289,12 +289,12 @@ def _error(capsys, argv) -> str:
 
 
 def test_bad_inputs_give_one_error_line_before_loading(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    import perft_qlora.loader
+    import perft_qlora.quant.loader
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model must not be loaded for a bad input")
 
-    monkeypatch.setattr(perft_qlora.loader, "load_model", refuse)
+    monkeypatch.setattr(perft_qlora.quant.loader, "load_model", refuse)
     base, other = tiny_checkpoint("olmoe"), tiny_checkpoint("mixtral")
     model, _ = load_model(other, device="cpu", progress=False)
     attach_perft(model, PerftConfig(variant="perft", num_experts=2, top_k=1))
@@ -305,11 +305,11 @@ def test_bad_inputs_give_one_error_line_before_loading(tiny_checkpoint, tmp_path
     assert "--layers 0,5" in line and "[5] do not exist" in line and "2 decoder layers (0..1)" in line
     assert "--layers" in _error(capsys, ["--model", base, "--layers", "one"])
     assert "does not exist" in _error(capsys, ["--model", base, "--adapter", f"x={tmp_path / 'missing'}"])
-    from perft_qlora.baseline import attach_lora_baseline
+    from perft_qlora.training.baseline import attach_lora_baseline
 
     model, _ = load_model(base, device="cpu", progress=False)
     attach_lora_baseline(model, rank=4, alpha=8.0, dropout=0.0).save_pretrained(str(tmp_path / "lora"))
     assert "peft LoRA adapter" in _error(capsys, ["--model", base, "--adapter", f"lora={tmp_path / 'lora'}"])
     assert "no such directory" in _error(capsys, ["--model", str(tmp_path / "nowhere")])
-    monkeypatch.setattr("perft_qlora.analyze.importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("perft_qlora.analysis.analyze.importlib.util.find_spec", lambda name: None)
     assert "umap-learn" in _error(capsys, ["--model", base, "--projection", "umap"])

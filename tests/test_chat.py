@@ -20,9 +20,9 @@ from perft_qlora import (
     parameter_report,
     save_adapter,
 )
-from perft_qlora.chat import BASE, ChatError, ChatModel, GenerationSettings, RoutingRecorder
-from perft_qlora.prompts import TEMPLATES, format_prompt
-from perft_qlora.tiny import save_tiny_model
+from perft_qlora.serving.chat import BASE, ChatError, ChatModel, GenerationSettings, RoutingRecorder
+from perft_qlora.evaluation.prompts import TEMPLATES, format_prompt
+from perft_qlora.training.tiny import save_tiny_model
 
 ADAPTERS = {
     "perft": PerftConfig(variant="perft", num_experts=4, top_k=2, bottleneck=8),
@@ -93,8 +93,8 @@ def test_each_column_matches_a_freshly_loaded_adapter(chat, adapter_dirs):
 
 
 def test_lora_baseline_is_served_beside_perft_and_detaches_cleanly(adapter_dirs, tmp_path):
-    from perft_qlora.adapters import attach_saved_adapter
-    from perft_qlora.baseline import attach_lora_baseline
+    from perft_qlora.method.adapters import attach_saved_adapter
+    from perft_qlora.training.baseline import attach_lora_baseline
 
     base_dir, dirs = adapter_dirs
     model, tokenizer = load_model(base_dir, device="cpu", progress=False)

@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-from perft_qlora import PerftConfig, attach_perft, checkpoint, load_adapter, save_adapter
-from perft_qlora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from perft_qlora import PerftConfig, attach_perft, load_adapter, save_adapter
+from perft_qlora.method import checkpoint
+from perft_qlora.method.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
 
 @pytest.fixture

@@ -12,10 +12,12 @@ import sys
 
 import pytest
 
-from perft_qlora import PerftConfig, attach_perft, evaluate, load_model, save_adapter, train
-from perft_qlora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from perft_qlora import PerftConfig, attach_perft, load_model, save_adapter
+from perft_qlora.evaluation import evaluate
+from perft_qlora.training import train
+from perft_qlora.method.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from perft_qlora.cli import BNB_CPU_LOGGER, DEBUG_ENV, UsageError
-from perft_qlora.train_options import DEMO_PRESETS
+from perft_qlora.training.train_options import DEMO_PRESETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -191,7 +193,7 @@ def test_bitsandbytes_notice_is_filtered_by_entry_points_only():
     shown = subprocess.run([sys.executable, "-m", "perft_qlora.train", "--help"], capture_output=True, text=True,
                            env=env, timeout=120, check=True)
     assert "kernels-community" not in shown.stderr + shown.stdout and "--template" in shown.stdout
-    probe = ("import logging, perft_qlora, perft_qlora.loader; "
+    probe = ("import logging, perft_qlora, perft_qlora.quant.loader; "
              f"print(len(logging.getLogger('{BNB_CPU_LOGGER}').filters))")
     library = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120,
                              check=True)
@@ -201,7 +203,7 @@ def test_bitsandbytes_notice_is_filtered_by_entry_points_only():
 def _parsers():
     from perft_qlora.bench import kernels as bench_kernels
     from perft_qlora.bench import train as bench_train
-    from perft_qlora.train_options import make_parser
+    from perft_qlora.training.train_options import make_parser
 
     return {"train": make_parser(), "evaluate": evaluate.make_parser(), "bench train": bench_train.make_parser(),
             "bench kernels": bench_kernels.make_parser()}

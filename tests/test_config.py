@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from perft_qlora import PerftConfig
-from perft_qlora.lora_experts import LoRAExperts
-from perft_qlora.variants import VARIANTS, BlockFacts, build_adapter
+from perft_qlora.method.lora_experts import LoRAExperts
+from perft_qlora.method.variants import VARIANTS, BlockFacts, build_adapter
 
 FACTS = BlockFacts(hidden_size=64, num_experts=8, top_k=2, renormalizes=False)
 

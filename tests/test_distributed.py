@@ -3,7 +3,7 @@
 The launched command is the README's: ``accelerate launch --config_file examples/accelerate/ddp.yaml -m
 perft_qlora.train ...``. Parity needs float32 compute (``--base-dtype float32``: bf16 matmuls round differently
 for different batch shapes) and rows of one token length (padding would change the routed token counts).
-What is averaged where is stated in ``perft_qlora/distributed.py``'s module docstring; each claim has a test here.
+What is averaged where is stated in ``perft_qlora/training/distributed.py``'s module docstring; each claim has a test here.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from perft_qlora import distributed
-from perft_qlora.checkpoint import WEIGHTS_NAME
-from perft_qlora.nf4 import NF4Weight
-from perft_qlora.train import run
-from perft_qlora.train_options import parse_args
-from perft_qlora.tiny import save_tiny_model
+from perft_qlora.training import distributed
+from perft_qlora.method.checkpoint import WEIGHTS_NAME
+from perft_qlora.quant.nf4 import NF4Weight
+from perft_qlora.training.train import run
+from perft_qlora.training.train_options import parse_args
+from perft_qlora.training.tiny import save_tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DDP_CONFIG = os.path.join(REPO, "examples", "accelerate", "ddp.yaml")
@@ -39,9 +39,9 @@ def equal_length_rows(path) -> str:
 
     from transformers import AutoTokenizer
 
-    from perft_qlora.data import to_prompt_completion
-    from perft_qlora.demo_base import demo_base_dir
-    from perft_qlora.records import RecordSet
+    from perft_qlora.training.data import to_prompt_completion
+    from perft_qlora.training.demo_base import demo_base_dir
+    from perft_qlora.training.records import RecordSet
 
     tokenizer = AutoTokenizer.from_pretrained(demo_base_dir())
     rng = random.Random(0)
@@ -69,7 +69,7 @@ def common(data: str, out, *extra) -> list[str]:
 
 
 def launch(options: list[str]) -> str:
-    """Run ``perft_qlora.train`` in 2 processes; returns stdout + stderr. A free port: tests may run side by side."""
+    """Run ``perft_qlora.training.train`` in 2 processes; returns stdout + stderr. A free port: tests may run side by side."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -221,7 +221,7 @@ def test_each_rank_loads_onto_its_own_gpu(two_gpu_rank_1, monkeypatch):
 
 def test_train_loads_the_model_onto_the_rank_device(two_gpu_rank_1, monkeypatch, tmp_path):
     """`python -m perft_qlora.train` under a launcher: load_model gets cuda:LOCAL_RANK, not cuda (= GPU 0)."""
-    from perft_qlora import train
+    from perft_qlora.training import train
 
     loaded = {}
 
@@ -278,9 +278,9 @@ def test_options_an_engine_cannot_run_fail_with_one_line(monkeypatch):
 
 
 def test_ddp_does_not_broadcast_the_nf4_buffers():
-    from perft_qlora.arch import get_arch
-    from perft_qlora.tiny import tiny_config
-    from perft_qlora.train_options import sft_config_from_args
+    from perft_qlora.quant.arch import get_arch
+    from perft_qlora.training.tiny import tiny_config
+    from perft_qlora.training.train_options import sft_config_from_args
 
     args = parse_args(["--model", "m", "--data", "d.json", "--device", "cpu"])
     config = sft_config_from_args(args, get_arch(tiny_config("olmoe")), has_validation=False)
@@ -337,7 +337,7 @@ def fsdp_worker(base: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from perft_qlora.checkpoint import adapter_state_dict
+    from perft_qlora.method.checkpoint import adapter_state_dict
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -381,7 +381,7 @@ def test_fsdp2_shards_adapters_and_matches_one_process_on_cpu(tiny_checkpoint, t
     assert result["report"] == {"down_local_shape": [2, 4, 64], "packed_local_rows": 0.5, "nf4_unchanged": True}
     model, ids = fsdp_reference_setup(base)
     train_two_steps(model, ids)
-    from perft_qlora.checkpoint import adapter_state_dict
+    from perft_qlora.method.checkpoint import adapter_state_dict
 
     assert_same_adapter(result["adapter"], adapter_state_dict(model), atol=1e-6)
 

@@ -11,11 +11,13 @@ import sys
 import pytest
 import torch
 
-from perft_qlora import PerftConfig, attach_perft, evaluate, iter_perft_blocks, load_model, save_adapter, task_runner
-from perft_qlora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from perft_qlora.generate import generate_batch
-from perft_qlora.predictions import FIELDS
-from perft_qlora.tasks import TASKS
+from perft_qlora import PerftConfig, attach_perft, iter_perft_blocks, load_model, save_adapter
+from perft_qlora.evaluation import evaluate
+from perft_qlora.evaluation import task_runner
+from perft_qlora.method.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from perft_qlora.evaluation.generate import generate_batch
+from perft_qlora.evaluation.predictions import FIELDS
+from perft_qlora.evaluation.tasks import TASKS
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from perft_qlora.extract import (
+from perft_qlora.evaluation.extract import (
     INVALID,
     extract_first_label,
     extract_first_letter,
@@ -14,7 +14,7 @@ from perft_qlora.extract import (
     numbers_match,
     parse_number,
 )
-from perft_qlora.tasks import TASKS
+from perft_qlora.evaluation.tasks import TASKS
 
 # (task, scored response, expected extraction) — commonsense: the first label match, case-sensitive.
 LABEL_CASES = [

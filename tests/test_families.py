@@ -25,11 +25,11 @@ from perft_qlora import (
     memory_report,
     save_adapter,
 )
-from perft_qlora.arch import ARCHITECTURES
-from perft_qlora.model import parameter_report
-from perft_qlora.nf4_experts import NF4Experts
-from perft_qlora.routing import GATING
-from perft_qlora.tiny import save_tiny_model, tiny_config
+from perft_qlora.quant.arch import ARCHITECTURES
+from perft_qlora.method.model import parameter_report
+from perft_qlora.quant.nf4_experts import NF4Experts
+from perft_qlora.method.routing import GATING
+from perft_qlora.training.tiny import save_tiny_model, tiny_config
 
 FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v3", "glm4_moe")
 SIGMOID = ("deepseek_v3", "glm4_moe")  # DeepSeek-V3's router: float32, sigmoid + bias, groups, scaled weights
@@ -264,8 +264,8 @@ def test_prequantized_hub_checkpoints_are_refused_before_loading(tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_training_cli_trains_each_family(tmp_path, family):
-    from perft_qlora.train import run
-    from perft_qlora.train_options import parse_args
+    from perft_qlora.training.train import run
+    from perft_qlora.training.train_options import parse_args
 
     base = save_tiny_model(str(tmp_path / family), family)
     trainer = run(parse_args([

@@ -24,7 +24,7 @@ from perft_qlora.kernels import (
     sort_by_expert,
     tile_schedule,
 )
-from perft_qlora.nf4 import NF4Weight
+from perft_qlora.quant.nf4 import NF4Weight
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter
 
@@ -131,7 +131,7 @@ def test_package_imports_and_runs_without_triton():
                     raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         sys.meta_path.insert(0, NoTriton())
         import os, torch
-        from perft_qlora.lora_experts import LoRAExperts
+        from perft_qlora.method.lora_experts import LoRAExperts
         bank = LoRAExperts(3, 16, 4, 2.0, 0.0, "silu", 0.1, torch.float32)
         out = bank(torch.randn(5, 16), torch.rand(5, 2), torch.randint(0, 3, (5, 2)))
         assert out.shape == (5, 16)

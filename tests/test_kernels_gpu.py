@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from perft_qlora.kernels import nf4_expert_mlp, routed_adapter
 from perft_qlora.kernels.accuracy import assert_flash_rule
-from perft_qlora.nf4 import NF4Weight
+from perft_qlora.quant.nf4 import NF4Weight
 
 pytestmark = pytest.mark.gpu
 BACKENDS = ("grouped", "triton")

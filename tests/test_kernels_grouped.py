@@ -17,7 +17,7 @@ from test_kernels_nf4_mlp import _experts, _routing, _run, _truth
 
 from perft_qlora.kernels import backend_choices, dequantize_experts, dispatch, measured
 from perft_qlora.kernels.accuracy import assert_flash_rule
-from perft_qlora.lora_experts import LoRAExperts
+from perft_qlora.method.lora_experts import LoRAExperts
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

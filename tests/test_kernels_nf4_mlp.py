@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from perft_qlora.kernels import nf4_expert_mlp
 from perft_qlora.kernels.accuracy import assert_flash_rule
 from perft_qlora.kernels.triton_nf4_mlp import NF4Blocks
-from perft_qlora.nf4 import NF4Weight
+from perft_qlora.quant.nf4 import NF4Weight
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Blocks that divide none of the sizes below (H = 192, I = 192): every tail mask is exercised.

@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from perft_qlora import UnsupportedArchitectureError, load_model, memory_report
-from perft_qlora.checkpoint_reader import CheckpointReader
-from perft_qlora.load_report import LoadProgress
-from perft_qlora.memory import count_values
-from perft_qlora.nf4_experts import NF4Experts
-from perft_qlora.tiny import save_tiny_model
+from perft_qlora.quant.checkpoint_reader import CheckpointReader
+from perft_qlora.quant.load_report import LoadProgress
+from perft_qlora.quant.memory import count_values
+from perft_qlora.quant.nf4_experts import NF4Experts
+from perft_qlora.training.tiny import save_tiny_model
 
 ARCHS = ("olmoe", "mixtral")
 
@@ -189,10 +189,10 @@ def test_linear4bit_weights_are_bitsandbytes_bytes_of_the_checkpoint_tensor(tiny
 _LOAD_AND_MEASURE = """
 import json, os, sys
 import torch
-from perft_qlora.host_memory import HostPeak
+from perft_qlora.quant.host_memory import HostPeak
 from perft_qlora import load_model, memory_report
 directory = sys.argv[1]
-import perft_qlora.loader  # imports are not loading
+import perft_qlora.quant.loader  # imports are not loading
 with HostPeak() as host:
     model, _ = load_model(directory, device="cpu", progress=False)
 maps = open("/proc/self/maps").read()

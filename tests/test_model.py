@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, OlmoeConfig
 
 from perft_qlora import PerftConfig, attach_perft, iter_perft_blocks, parameter_report, perft_balance_loss, routing_stats
-from perft_qlora.layer import PerftMoEBlock
+from perft_qlora.method.layer import PerftMoEBlock
 
 ARCHS = ("olmoe", "mixtral")
 CONFIGS = {
@@ -22,7 +22,7 @@ CONFIGS = {
 SCALING = 2.0
 """alpha / DB with the defaults DB = 16, alpha = 2 * DB (the authors' launch scripts), written out by hand."""
 BASE_EXPERTS = {"olmoe": 8, "mixtral": 4}
-"""N of the tiny configs (perft_qlora/tiny.py)."""
+"""N of the tiny configs (perft_qlora/training/tiny.py)."""
 PEFT_EXPERTS = {"perft": lambda arch: 4, "perft_e": BASE_EXPERTS.get, "perft_d": lambda arch: 3, "perft_s": lambda arch: 1}
 """M per variant for CONFIGS: PERFT-E pairs one with each base expert, PERFT-S has exactly one."""
 

@@ -37,8 +37,8 @@ def test_every_mutation_target_is_in_the_code_exactly_once():
 
 
 def test_a_missing_target_is_a_loud_error(tmp_path):
-    (tmp_path / "perft_qlora").mkdir()
-    (tmp_path / "perft_qlora" / "losses.py").write_text("refactored away\n")
+    (tmp_path / "perft_qlora" / "method").mkdir(parents=True)
+    (tmp_path / "perft_qlora" / "method" / "losses.py").write_text("refactored away\n")
     with pytest.raises(TargetNotFound, match="mutation target not found: balance_loss_counts_padding"):
         plant(MUTATIONS[0], str(tmp_path))
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from perft_qlora.kernels import dequantize_nf4_reference
-from perft_qlora.nf4 import NF4Weight
-from perft_qlora.nf4_experts import NF4Experts
+from perft_qlora.quant.nf4 import NF4Weight
+from perft_qlora.quant.nf4_experts import NF4Experts
 
 
 def _experts(num_experts, out_features, in_features, seed=0):

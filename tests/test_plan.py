@@ -8,9 +8,9 @@ from transformers import AutoModelForCausalLM
 
 from perft_qlora import PerftConfig, attach_perft, load_model, memory_report
 from perft_qlora.bench.random_checkpoint import write_random_checkpoint
-from perft_qlora.footprint import weight_footprint
-from perft_qlora.plan import KNOWN_MODELS, activation_bytes, main, make_plan, moe_facts, read_config
-from perft_qlora.tiny import tiny_config
+from perft_qlora.quant.footprint import weight_footprint
+from perft_qlora.quant.plan import KNOWN_MODELS, activation_bytes, main, make_plan, moe_facts, read_config
+from perft_qlora.training.tiny import tiny_config
 
 LOADABLE = ("olmoe", "mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "glm4_moe")
 
@@ -110,7 +110,7 @@ def test_activation_estimate_is_near_a_measured_cpu_peak(tmp_path, family):
     A GPU run (SDPA kernels, Triton experts, TRL's tiled loss) may differ; no GPU peak exists yet to check it."""
     from alloc_tracker import AllocationTracker
 
-    from perft_qlora.tiny import save_tiny_model
+    from perft_qlora.training.tiny import save_tiny_model
 
     directory = save_tiny_model(str(tmp_path), family, hidden_size=256, moe_intermediate_size=128, num_hidden_layers=4)
     model, _ = load_model(directory, device="cpu", progress=False)

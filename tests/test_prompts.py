@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from perft_qlora.data import to_prompt_completion
-from perft_qlora.prompts import TEMPLATES, TemplateError, get_template, response_text
-from perft_qlora.protocol import COMMONSENSE_PREFIX, PROTOCOLS
-from perft_qlora.records import RecordSet
+from perft_qlora.training.data import to_prompt_completion
+from perft_qlora.evaluation.prompts import TEMPLATES, TemplateError, get_template, response_text
+from perft_qlora.evaluation.protocol import COMMONSENSE_PREFIX, PROTOCOLS
+from perft_qlora.training.records import RecordSet
 
 HEAD = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 HEAD_IN = (
@@ -88,7 +88,7 @@ def test_tokenized_prompt_is_a_prefix_of_prompt_plus_completion(template):
     answer's first word in a byte-level BPE): the split must fall where no token straddles it."""
     from transformers import AutoTokenizer
 
-    from perft_qlora.demo_base import demo_base_dir
+    from perft_qlora.training.demo_base import demo_base_dir
 
     tokenizer = AutoTokenizer.from_pretrained(demo_base_dir())
     rows = [{"instruction": "Is the text written in small letters? abc def", "input": "", "output": "the correct answer is true"},

@@ -8,12 +8,12 @@ import torch
 from transformers import TrainerCallback
 
 from perft_qlora import load_adapter, load_model
-from perft_qlora.backends import BackendUnavailableError, get_backend
-from perft_qlora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from perft_qlora.training.backends import BackendUnavailableError, get_backend
+from perft_qlora.method.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from perft_qlora.cli import UsageError
-from perft_qlora.train import main, run
-from perft_qlora.train_options import DEMO_PRESETS, parse_args
-from perft_qlora.trainer import PerftSFTTrainer
+from perft_qlora.training.train import main, run
+from perft_qlora.training.train_options import DEMO_PRESETS, parse_args
+from perft_qlora.training.trainer import PerftSFTTrainer
 
 
 def quick_args(out, *extra):
@@ -120,7 +120,7 @@ def test_every_variant_trains_with_gradient_checkpointing(tmp_path, variant):
 
 
 def test_mixtral_checkpoint_trains(tmp_path):
-    from perft_qlora.tiny import save_tiny_model
+    from perft_qlora.training.tiny import save_tiny_model
 
     base = save_tiny_model(str(tmp_path / "mixtral"), "mixtral")
     trainer = run(quick_args(tmp_path / "out", "--model", base, "--max-steps", "2", "--no-completion-only-loss"))

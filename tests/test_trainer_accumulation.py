@@ -15,9 +15,9 @@ from accelerate import Accelerator
 from trl import SFTTrainer
 
 from perft_qlora import iter_perft_blocks
-from perft_qlora.train import run
-from perft_qlora.train_options import parse_args
-from perft_qlora.trainer import PerftSFTTrainer
+from perft_qlora.training.train import run
+from perft_qlora.training.train_options import parse_args
+from perft_qlora.training.trainer import PerftSFTTrainer
 
 
 def masked_switch_loss(logits: list[torch.Tensor], mask: torch.Tensor, top_k: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ from ..kernels import (
     sort_by_expert,
 )
 from ..kernels.grouped import grouped_mm
-from ..nf4 import NF4Weight
+from ..quant.nf4 import NF4Weight
 
 SHAPES = {  # experts E, hidden H, intermediate I, top-K
     "olmoe": dict(experts=64, hidden=2048, inter=1024, top_k=8),

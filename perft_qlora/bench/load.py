@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from ..host_memory import HostPeak
+from ..quant.host_memory import HostPeak
 from .random_checkpoint import ARCHES, arch_config, write_random_checkpoint
 from .train import _without_out
 
@@ -50,7 +50,7 @@ def measure_load(setup: str, path: str, device: str) -> dict:
     """Load ``path`` with ``setup`` in this process and return the measurements (GiB, seconds)."""
     import transformers  # noqa: F401  (import cost is not load cost)
 
-    from .. import loader  # noqa: F401
+    from ..quant import loader  # noqa: F401
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig
 
-from ..tiny import build_byte_tokenizer, tiny_config
+from ..training.tiny import build_byte_tokenizer, tiny_config
 
 # The published configurations (allenai/OLMoE-1B-7B-0924, mistralai/Mixtral-8x7B-v0.1), shapes only.
 ARCHES = {

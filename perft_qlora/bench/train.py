@@ -36,8 +36,8 @@ import time
 import torch
 
 from ..cli import HelpFormatter
-from ..load_report import LoadMeter
-from ..memory import peak_memory_bytes
+from ..quant.load_report import LoadMeter
+from ..quant.memory import peak_memory_bytes
 from .random_checkpoint import ARCHES, arch_config, write_random_checkpoint
 
 SETUPS = ("perft_qlora", "hf-qlora", "hf-bf16", "bnb-param4")
@@ -118,7 +118,7 @@ def run_setup(setup: str, path: str, args) -> dict:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from ..trainer import PerftSFTTrainer
+    from ..training.trainer import PerftSFTTrainer
 
     with LoadMeter(args.device) as meter:  # host peak as anonymous + file-backed pages, device peak
         model, tokenizer = build_model(setup, path, args)

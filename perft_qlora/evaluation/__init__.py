@@ -1,0 +1,1 @@
+"""Evaluation: task table, protocols, prompts, answer extraction, generation, predictions and summaries."""

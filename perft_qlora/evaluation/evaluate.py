@@ -1,0 +1,217 @@
+"""Evaluate a base model and PERFT adapters on the paper's reasoning tasks (LLM-Adapters test sets).
+
+    python -m perft_qlora.evaluate --model allenai/OLMoE-1B-7B-0924 \\
+        --adapter perft=runs/perft-top2-8/adapter --tasks commonsense --data-dir LLM-Adapters/dataset \\
+        --output-dir eval/perft-top2-8
+
+The NF4 base model is loaded once and evaluated, then each adapter is attached, evaluated and detached.
+Test files are read from ``<data-dir>/<task folder>/test.json`` (LLM-Adapters' ``dataset/`` layout) or from
+``--test-file TASK=PATH_OR_HUB_NAME``. Writes ``predictions.jsonl`` (every row, as it goes), ``summary.json``
+and ``results.md``; ``--resume`` continues a stopped run. Tasks: boolq piqa siqa hellaswag winogrande arc-e
+arc-c obqa addsub multiarith singleeq gsm8k aqua svamp demo; groups: commonsense, math, all.
+"""
+
+from __future__ import annotations
+
+from ..cli import add_debug_option, error_path  # first: quiets bitsandbytes' import-time notice (see cli.py)
+
+# isort: split
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+from .. import AdapterError, __version__, load_model, read_adapter_config
+from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter
+from ..method.checkpoint import WEIGHTS_NAME, verify_adapter_files, verify_safetensors
+from .predictions import PredictionsError, PredictionStore
+from ..preflight import is_local_path, model_config
+from .prompts import DEFAULT_TEMPLATE, TEMPLATES
+from .protocol import PROTOCOLS, Protocol
+from .summary import Summary, previous_summary, resume_conflicts
+from .task_runner import run_task
+from .tasks import TaskError, TestSet, load_test_set, resolve_tasks
+
+BASE_LABEL = "base"
+
+
+@dataclass
+class Plan:
+    """Everything checked before the model is loaded."""
+
+    protocol: Protocol
+    templates: dict[str, str]
+    """Prompt template per model label (the base model and each adapter)."""
+    test_sets: list[TestSet]
+    adapters: dict[str, str]
+    settings: dict
+    previous: dict | None
+
+
+def parse_adapters(values: list[str], model_config=None) -> dict[str, str]:
+    """``NAME=DIR`` or ``DIR`` (named after its folder) -> ``{name: dir}``; each dir must hold a usable adapter
+    (config and a complete weights file) trained for ``model_config``'s shapes when that is given."""
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep:
+            name, directory = os.path.basename(os.path.normpath(value)), value
+        if not os.path.isdir(directory):
+            raise AdapterError(f"adapter directory {directory} does not exist (from --adapter {value})")
+        if name in adapters or name == BASE_LABEL:
+            raise AdapterError(f"adapter name {name!r} is used twice or is reserved; name them: --adapter NAME=DIR")
+        if adapter_kind(directory) == "peft":  # the LoRA baseline: peft checks its fit when it loads
+            weights = os.path.join(directory, WEIGHTS_NAME)
+            if os.path.exists(weights):
+                verify_safetensors(weights)
+            adapters[name] = os.path.abspath(directory)
+            continue
+        metadata = verify_adapter_files(directory)
+        if model_config is not None:  # compare with the base model's config before loading any weights
+            config = model_config
+            found = (config.model_type, config.hidden_size, config.num_hidden_layers)
+            trained = (metadata.get("model_type"), metadata.get("hidden_size"), metadata.get("num_layers"))
+            if found != trained:
+                raise AdapterError(
+                    f"adapter {directory} was trained for (model_type, hidden_size, layers) = {trained}, "
+                    f"but the base model has {found}; pass the base model it was trained on"
+                )
+        adapters[name] = os.path.abspath(directory)
+    return adapters
+
+
+def adapter_template(directory: str) -> str | None:
+    """The prompt template an adapter was trained with (``extra.training.template``), or None if unrecorded."""
+    if adapter_kind(directory) == "peft":
+        return None
+    training = (read_adapter_config(directory).get("extra") or {}).get("training") or {}
+    return training.get("template")
+
+
+def choose_templates(requested: str | None, adapters: dict[str, str]) -> dict[str, str]:
+    """Per model label: ``--template`` if given (warning where an adapter was trained with another), else the
+    adapter's own, else the default (``released``)."""
+    templates = {BASE_LABEL: requested or DEFAULT_TEMPLATE}
+    for name, directory in adapters.items():
+        trained = adapter_template(directory)
+        if requested and trained and requested != trained:
+            print(f"warning: adapter {name} was trained with the {trained!r} template; evaluating it with "
+                  f"{requested!r} as --template asks", file=sys.stderr)
+        templates[name] = requested or trained or DEFAULT_TEMPLATE
+    return templates
+
+
+def prepare(args) -> Plan:
+    """Resolve tasks, read and validate every test file and adapter, and check the output directory."""
+    config = model_config(args.model) if is_local_path(args.model) else None  # hub: checked when it loads
+    tasks = resolve_tasks(args.tasks)
+    overrides = dict(_key_value(item, "--test-file") for item in args.test_file)
+    if extra := sorted(set(overrides) - {task.name for task in tasks}):
+        raise TaskError(f"--test-file given for {', '.join(extra)}, which --tasks does not include")
+    test_sets = [load_test_set(task, overrides.get(task.name) or task.test_source(args.data_dir)) for task in tasks]
+    adapters = parse_adapters(args.adapter, config)
+    if args.no_base and not adapters:
+        raise TaskError("--no-base with no --adapter leaves nothing to evaluate")
+    protocol = PROTOCOLS[args.protocol]
+    if args.greedy or args.num_beams is not None:
+        protocol = protocol.with_beams(1 if args.greedy else args.num_beams)
+    if args.max_new_tokens is not None:
+        protocol = protocol.with_max_new_tokens(args.max_new_tokens)
+    templates = choose_templates(args.template, adapters)
+    settings = {
+        "perft_qlora_version": __version__, "model": args.model, "adapters": adapters,
+        "decoding": {**protocol.to_dict(), "template": templates}, "tasks": [t.task.name for t in test_sets],
+        "test_files": {t.task.name: t.source for t in test_sets}, "limit": args.limit, "batch_size": args.batch_size,
+    }
+    previous = previous_summary(args.output_dir) if args.resume else None
+    if previous is not None and (problems := resume_conflicts(previous, settings)):
+        raise PredictionsError("cannot --resume with different settings:\n  " + "\n  ".join(problems))
+    return Plan(protocol, templates, test_sets, adapters, settings, previous)
+
+
+def _key_value(item: str, flag: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key or not value:
+        raise TaskError(f"{flag} expects TASK=SOURCE, got {item!r}")
+    return resolve_tasks(key)[0].name, value
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the evaluation; returns the summary (also written to ``<output-dir>/summary.json``).
+
+    Bad input ends as one ``error:`` line and exit status 1 before the model loads (``cli.error_path``)."""
+    args = make_parser().parse_args(argv)
+    stopped = f"finished rows are in {os.path.join(args.output_dir, 'predictions.jsonl')}; run the same command " \
+              "with --resume to continue"
+    with error_path(args.debug, on_interrupt=lambda: stopped):
+        return _evaluate(args, prepare(args))
+
+
+def _evaluate(args, plan: Plan) -> dict:
+    store = PredictionStore(os.path.join(args.output_dir, "predictions.jsonl"), resume=args.resume)
+    for test_set in plan.test_sets:
+        print(test_set.report())
+    summary = Summary(plan.settings, results=dict(plan.previous["results"]) if plan.previous else {})
+    summary.write(args.output_dir)
+    models = ([] if args.no_base else [(BASE_LABEL, None)]) + list(plan.adapters.items())
+    with store:
+        model, tokenizer = load_model(args.model, device=args.device)
+        for label, adapter_dir in models:
+            adapted = model if adapter_dir is None else attach_saved_adapter(model, adapter_dir)
+            protocol = plan.protocol.with_template(plan.templates[label])
+            for test_set in plan.test_sets:
+                result = run_task(adapted, tokenizer, label, test_set, protocol, store,
+                                  batch_size=args.batch_size, limit=args.limit)
+                summary.add(label, test_set.task.name, result)
+                summary.write(args.output_dir)
+            if adapter_dir is not None:
+                model = detach_adapter(adapted)
+    print(summary.markdown())
+    print(f"predictions, summary.json and results.md in {args.output_dir}")
+    return summary.to_dict()
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m perft_qlora.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="base model: a save_pretrained directory or a Hub id")
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                        help="a saved PERFT or peft (LoRA baseline) adapter to evaluate (repeatable); NAME defaults to the folder name")
+    parser.add_argument("--no-base", action="store_true", help="evaluate only the adapters, not the base model")
+    parser.add_argument("--tasks", default="commonsense",
+                        help="comma-separated task names and/or groups commonsense, math, all (default: %(default)s)")
+    parser.add_argument("--data-dir", default="dataset",
+                        help="laid out like LLM-Adapters' dataset/: <data-dir>/<task>/test.json (default: %(default)s)")
+    parser.add_argument("--test-file", action="append", default=[], metavar="TASK=SOURCE",
+                        help="test set for one task: a .json/.jsonl file or a datasets hub name (repeatable)")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="perft",
+                        help="perft: the PERFT authors' scripts (the last ### Response:); llm-adapters: LLM-Adapters' own (the "
+                             "first) (default: %(default)s)")
+    parser.add_argument("--template", choices=sorted(TEMPLATES), default=None,
+                        help="prompt template (default: each adapter's own, released for the base model); "
+                             "a warning names adapters trained with another")
+    parser.add_argument("--greedy", action="store_true", help="one beam instead of the protocol's 4 (quick looks)")
+    parser.add_argument("--num-beams", type=_positive, default=None, help="beam width (default: the protocol's, 4)")
+    parser.add_argument("--max-new-tokens", type=_positive, default=None,
+                        help="override the protocol's token budget for every task (quick looks; recorded)")
+    parser.add_argument("--limit", type=_positive, default=None, help="only the first N rows of each task")
+    parser.add_argument("--batch-size", type=_positive, default=8,
+                        help="prompts per generate call (default: %(default)s)")
+    parser.add_argument("--output-dir", default="eval-results", help="where results go (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a stopped run in --output-dir, skipping finished rows")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda when available, else cpu)")
+    add_debug_option(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    main()

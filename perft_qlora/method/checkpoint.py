@@ -1,0 +1,228 @@
+"""Adapters on disk: ``adapter_config.json`` + ``adapter_model.safetensors`` (adapter weights only, no pickle).
+
+Saves are atomic: files are written into a temporary sibling directory, which then replaces the target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..quant.arch import decoder_layers, get_arch
+from .config import PerftConfig
+from .model import attach_perft, detach_perft, iter_perft_blocks
+from ..training.model_card import CARD_NAME
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+class AdapterError(ValueError):
+    """An adapter directory that cannot be used with this model."""
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """Adapter and PERFT-router tensors, keyed ``layers.{i}.perft_{router,experts}.{name}``."""
+    state = {}
+    for i, block in iter_perft_blocks(model):
+        for prefix, module in (("perft_router", block.perft_router), ("perft_experts", block.perft_experts)):
+            for name, param in module.named_parameters():
+                state[f"layers.{i}.{prefix}.{name}"] = param.detach()
+    return state
+
+
+def _adapter_metadata(model) -> dict:
+    arch = get_arch(model.config)
+    config: PerftConfig = model.perft_config
+    return {
+        "format_version": FORMAT_VERSION,
+        "library": "perft_qlora",
+        "library_version": __version__,
+        "perft": config.to_dict(),
+        "base_model_name_or_path": getattr(model.config, "_name_or_path", None),
+        "model_type": arch.model_type,
+        "hidden_size": model.config.hidden_size,
+        "num_experts": arch.num_experts(model.config),
+        "num_layers": len(decoder_layers(model)),
+        "layers": [i for i, _ in iter_perft_blocks(model)],
+    }
+
+
+def save_adapter(model, directory: str, extra_metadata: dict | None = None, model_card: str | None = None) -> str:
+    """Write the attached adapter to ``directory`` atomically; returns the directory.
+
+    ``model_card`` (markdown) is written as ``README.md`` beside it. An existing ``directory`` is replaced as a
+    whole, so it may hold only a previous adapter's files (the two files and its README.md).
+    """
+    if getattr(model, "perft_config", None) is None:
+        raise AdapterError("no PERFT adapter is attached to this model; call attach_perft first")
+    directory = os.path.abspath(directory)
+    if os.path.isdir(directory):
+        others = sorted(set(os.listdir(directory)) - {CONFIG_NAME, WEIGHTS_NAME, CARD_NAME})
+        if others:
+            raise AdapterError(
+                f"refusing to replace {directory}: it holds files other than an adapter ({', '.join(others[:3])}); "
+                "save into a new directory or one that holds only an adapter"
+            )
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    metadata = _adapter_metadata(model)
+    if extra_metadata:
+        metadata["extra"] = extra_metadata
+    staging = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
+    try:
+        state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+        save_file(state, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(staging, CONFIG_NAME), "w") as f:
+            json.dump(metadata, f, indent=2)
+        if model_card is not None:
+            with open(os.path.join(staging, CARD_NAME), "w", encoding="utf-8") as f:
+                f.write(model_card)
+        if os.path.exists(directory):
+            retired = tempfile.mkdtemp(prefix=".adapter-old-", dir=parent)
+            old = os.path.join(retired, "old")
+            os.replace(directory, old)
+            try:
+                os.replace(staging, directory)
+            except BaseException:
+                os.replace(old, directory)  # put the previous adapter back
+                raise
+            finally:
+                shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_config_json(directory: str):
+    """The parsed ``adapter_config.json`` of ``directory``, unchecked (ours or peft's); AdapterError if unreadable."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise AdapterError(f"{directory} is not an adapter directory: {CONFIG_NAME} is missing")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{path} is corrupt: {err}") from err
+
+
+def read_adapter_config(directory: str) -> dict:
+    """The parsed ``adapter_config.json`` of a PERFT adapter in ``directory``, checked for format version."""
+    path = os.path.join(directory, CONFIG_NAME)
+    metadata = read_config_json(directory)
+    version = metadata.get("format_version") if isinstance(metadata, dict) else None
+    if version != FORMAT_VERSION:
+        raise AdapterError(
+            f"{path} has format_version {version!r}; this perft_qlora ({__version__}) reads version {FORMAT_VERSION}"
+        )
+    return metadata
+
+
+def verify_safetensors(path: str) -> None:
+    """Check a safetensors file without loading it: the header parses and the file is exactly as long as the
+    header says (a truncated or padded file fails here, before any model is loaded)."""
+    if not os.path.isfile(path):
+        raise AdapterError(f"{path} is missing; the adapter directory is incomplete (re-save or re-copy it)")
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little") if size >= 8 else -1
+            if not 0 < header_len <= size - 8:
+                raise ValueError("no valid header")
+            header = json.loads(handle.read(header_len))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{path} is not a valid safetensors file ({err}); re-save or re-copy the adapter") from err
+    expected = 8 + header_len + max(ends, default=0)
+    if size != expected:
+        raise AdapterError(f"{path} is {'truncated' if size < expected else 'too long'}: {size} bytes, its header "
+                           f"says {expected}; re-save or re-copy the adapter")
+
+
+def verify_adapter_files(directory: str) -> dict:
+    """Pre-load check of a PERFT adapter directory: config (format, ``perft`` section) and weights file.
+    Returns the metadata."""
+    metadata = read_adapter_config(directory)
+    try:
+        PerftConfig.from_dict(metadata["perft"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise AdapterError(f"{directory}/{CONFIG_NAME} has an invalid 'perft' section: {err}") from err
+    verify_safetensors(os.path.join(directory, WEIGHTS_NAME))
+    return metadata
+
+
+def _check_compatible(model, metadata: dict, directory: str) -> None:
+    arch = get_arch(model.config)
+    expected = {
+        "model_type": arch.model_type,
+        "hidden_size": model.config.hidden_size,
+        "num_experts": arch.num_experts(model.config),
+        "num_layers": len(decoder_layers(model)),
+    }
+    for key, value in expected.items():
+        if metadata.get(key) != value:
+            raise AdapterError(
+                f"adapter in {directory} was trained for {key}={metadata.get(key)!r} but this model has {value!r}"
+            )
+
+
+def load_adapter(model, directory: str):
+    """Attach (if needed) and load the adapter in ``directory`` into ``model``; returns the model.
+
+    A new attachment takes the saved tensors' dtype (float32 master weights stay float32), so a
+    reloaded adapter computes exactly what the saved one did.
+    """
+    metadata = read_adapter_config(directory)
+    _check_compatible(model, metadata, directory)
+    try:
+        config = PerftConfig.from_dict(metadata["perft"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise AdapterError(f"{directory}/{CONFIG_NAME} has an invalid 'perft' section: {err}") from err
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(weights_path):
+        raise AdapterError(f"{directory} has no {WEIGHTS_NAME}")
+    try:
+        state = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(f"{weights_path} is corrupt: {err}") from err
+    attached_here = getattr(model, "perft_config", None) is None
+    if attached_here:
+        dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+        attach_perft(model, config, dtype=dtypes.pop() if len(dtypes) == 1 else None)
+    elif model.perft_config != config:
+        raise AdapterError(f"the attached adapter's config differs from {directory}'s; load it into a fresh base model")
+    try:
+        _copy_weights(model, state, metadata, weights_path)
+    except AdapterError:
+        if attached_here:  # leave the model as it came: no half-loaded adapter
+            detach_perft(model)
+        raise
+    return model
+
+
+def _copy_weights(model, state: dict[str, torch.Tensor], metadata: dict, weights_path: str) -> None:
+    """Check every key and shape first, then copy, so a bad file changes nothing."""
+    layers = [i for i, _ in iter_perft_blocks(model)]
+    if layers != metadata.get("layers"):
+        raise AdapterError(f"adapter {weights_path} covers layers {metadata.get('layers')}, the model has {layers}")
+    current = adapter_state_dict(model)
+    missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
+    if missing or unexpected:
+        raise AdapterError(f"{weights_path} does not match: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for key, param in current.items():
+        if state[key].shape != param.shape:
+            raise AdapterError(f"{key} has shape {tuple(state[key].shape)} in {weights_path}, expected {tuple(param.shape)}")
+    with torch.no_grad():
+        for key, param in current.items():
+            param.copy_(state[key])

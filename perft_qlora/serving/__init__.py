@@ -1,0 +1,1 @@
+"""Serving adapters side by side (the app's model logic)."""

@@ -1,0 +1,182 @@
+"""Several processes (``accelerate launch``): each rank's device, launch checks, and cross-rank reductions.
+
+What runs where under data parallel (``accelerate launch --multi_gpu --num_processes N``, DDP):
+
+- every rank loads the whole NF4 model straight onto its own device (``cuda:LOCAL_RANK``), never GPU 0;
+  DDP does not broadcast buffers (``ddp_broadcast_buffers=False``: the NF4 expert bytes are buffers);
+- the Trainer splits each optimizer step's examples over the ranks; DDP averages the adapter gradients;
+- the token-level loss is normalised by the token count of *all* ranks (the Trainer's
+  ``average_tokens_across_devices``), so it equals the single-process loss of the same global batch;
+- the balance losses (base router's ``aux_loss``, PERFT router's ``perft_aux_loss``) are computed per rank
+  on that rank's micro-batch, and DDP averages their gradients: the result is the *mean of per-rank balance
+  losses*, exactly what one process computes with ``--grad-accum N`` over the same micro-batches, and not
+  the balance loss of the concatenated global batch (``f·P`` is not linear in the batch);
+- logged ``loss``, ``aux_loss`` and ``perft_aux_loss`` are means over ranks (and accumulation steps);
+  ``routing/L{i}_*`` are computed from expert counts summed over the ranks' latest micro-batches;
+- only rank 0 writes checkpoints, the adapter and the log lines; each rank writes its own RNG state
+  (``rng_state_{rank}.pth``) into the checkpoint, as the Trainer does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from ..method.model import iter_perft_blocks
+
+# Options that may differ between ranks without changing what is trained.
+RANK_LOCAL_OPTIONS = ("device",)
+
+
+def world_size() -> int:
+    """Processes in this run (``WORLD_SIZE``, set by torchrun / ``accelerate launch``); 1 without a launcher."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    """This process's index on its node (``LOCAL_RANK``); 0 without a launcher."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def rank_device(requested: str | None) -> str:
+    """The device this rank loads its model onto: ``cuda`` becomes ``cuda:LOCAL_RANK`` under a launcher.
+
+    Without it every rank would load onto the current device, GPU 0, before the Trainer picks the rank's
+    GPU (N copies of the model on one card). Refuses a fixed ``cuda:K`` with several ranks and a rank
+    without a GPU of its own.
+    """
+    requested = requested or ("cuda" if torch.cuda.is_available() else "cpu")  # --device's default
+    device = torch.device(requested)
+    if device.type != "cuda" or world_size() == 1:
+        return requested
+    if device.index is not None:
+        raise SystemExit(
+            f"error: --device {requested} would put all {world_size()} ranks on the same GPU; pass --device cuda "
+            "(each rank then takes cuda:LOCAL_RANK)"
+        )
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if local_rank() >= count:
+        raise SystemExit(
+            f"error: rank with LOCAL_RANK {local_rank()} has no GPU of its own ({count} visible on this node); "
+            f"launch at most {count} processes per node, or --device cpu"
+        )
+    torch.cuda.set_device(local_rank())
+    return f"cuda:{local_rank()}"
+
+
+def resolve_global_batch(args: argparse.Namespace) -> None:
+    """``--global-batch-size G`` sets ``--batch-size`` to ``G / (ranks · --grad-accum)``; refuses a remainder."""
+    total = getattr(args, "global_batch_size", None)
+    if total is None:
+        return
+    per_step = world_size() * args.grad_accum
+    if total % per_step:
+        raise SystemExit(
+            f"error: --global-batch-size {total} is not divisible by {world_size()} rank(s) x --grad-accum "
+            f"{args.grad_accum} = {per_step}; pick a multiple of {per_step} or change the process count"
+        )
+    args.batch_size = total // per_step
+
+
+def check_engine(args: argparse.Namespace) -> None:
+    """Refuse options that cannot run under the engine ``accelerate launch`` chose (read from its env vars)."""
+    engine = launch_engine()
+    if engine == "fsdp":
+        raise SystemExit(
+            "error: FSDP is not supported yet: the NF4 weights are uint8 buffers (NF4Weight) and uint8 Params4bit, "
+            "which FSDP leaves replicated on every rank, and adapter checkpoints do not handle sharded (DTensor) "
+            "parameters; launch with --config_file examples/accelerate/ddp.yaml (every rank holds the whole NF4 model)"
+        )
+    if engine == "deepspeed":
+        raise SystemExit("error: DeepSpeed is not supported; launch with --config_file examples/accelerate/ddp.yaml")
+    if world_size() > 1 and args.backend == "unsloth":
+        raise SystemExit("error: --backend unsloth runs in one process only; drop it or launch a single process")
+
+
+def launch_engine() -> str:
+    """``fsdp``, ``deepspeed``, ``ddp`` (several processes) or ``single``, from the launcher's environment."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "deepspeed"
+    return "ddp" if world_size() > 1 else "single"
+
+
+def options_fingerprint(args: argparse.Namespace) -> str:
+    """A digest of every option that decides what is trained (not the rank's own device)."""
+    values = {k: v for k, v in sorted(vars(args).items()) if k not in RANK_LOCAL_OPTIONS}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_same_options(fingerprints: list[str]) -> None:
+    """Refuse a run whose ranks parsed different options (e.g. a different ``--config`` file per node)."""
+    if len(set(fingerprints)) > 1:
+        groups = {}
+        for rank, value in enumerate(fingerprints):
+            groups.setdefault(value, []).append(rank)
+        detail = "; ".join(f"ranks {ranks}: {value}" for value, ranks in groups.items())
+        raise SystemExit(
+            f"error: the ranks were started with different options (fingerprints {detail}); give every node the "
+            "same command line and --config file"
+        )
+
+
+def prepare_ranks(args: argparse.Namespace) -> str:
+    """Run every launch check and return the device this rank loads onto (no-op checks in one process).
+
+    Starts the process group early (accelerate's ``PartialState``, the one the Trainer reuses) so that the
+    ranks can compare their options before any model is loaded.
+    """
+    check_engine(args)
+    device = rank_device(args.device)
+    resolve_global_batch(args)
+    if world_size() > 1:
+        check_same_options(gather_fingerprints(args, device))
+    return device
+
+
+def gather_fingerprints(args: argparse.Namespace, device: str) -> list[str]:
+    """Every rank's :func:`options_fingerprint`, in rank order (starts the process group)."""
+    from accelerate import PartialState
+
+    PartialState(cpu=not device.startswith("cuda"))
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, options_fingerprint(args))
+    return gathered
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Rank 0 runs the block first and the other ranks after it (deleting old checkpoints, writing files)."""
+    parallel = world_size() > 1 and dist.is_available() and dist.is_initialized()
+    if parallel and not is_main_process():
+        dist.barrier()
+    yield
+    if parallel and is_main_process():
+        dist.barrier()
+
+
+def expert_fractions(model) -> dict[int, list[float]]:
+    """Per PERFT layer, each PEFT expert's share of the latest micro-batch's (token, slot) assignments,
+    with the counts summed over all ranks (a collective: every rank must call it)."""
+    blocks = [(i, b) for i, b in iter_perft_blocks(model) if b.last_routing is not None]
+    if not blocks:
+        return {}
+    counts = torch.stack([
+        torch.bincount(b.last_routing.indices.detach().reshape(-1), minlength=b.perft_experts.num_experts).float()
+        for _, b in blocks
+    ])  # (layers, M)
+    if world_size() > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    shares = counts / counts.sum(dim=-1, keepdim=True)
+    return {i: row.tolist() for (i, _), row in zip(blocks, shares)}

@@ -1,0 +1,195 @@
+"""Fine-tune routed PEFT experts on an NF4 mixture-of-experts model with TRL's SFTTrainer.
+
+    python -m perft_qlora.train --demo                       # shipped small base + demo task, CPU, < 3 minutes
+    python -m perft_qlora.train --model allenai/OLMoE-1B-7B-0924 --data commonsense_170k.json \\
+        --variant perft --num-experts 4 --top-k 2 --bottleneck 16 --output-dir runs/olmoe-perft
+    python -m perft_qlora.train --config run.yaml --learning-rate 2e-5   # the command line overrides the file
+    python -m perft_qlora.train --config run.yaml --resume              # continue from the last checkpoint
+    accelerate launch --config_file examples/accelerate/ddp.yaml -m perft_qlora.train --config run.yaml  # data parallel
+
+Writes ``<output-dir>/checkpoint-N/`` (adapter + optimizer state) every ``--save-steps`` and the final
+adapter (the best on the held-out rows when there are any) to ``<output-dir>/adapter/``. With ``--demo``
+the shipped pre-trained base is copied to ``<output-dir>/base/`` and a before/after table ends the run.
+``--help`` lists every option and its default.
+"""
+
+from __future__ import annotations
+
+from ..cli import UsageError, error_path  # first: quiets bitsandbytes' import-time notice (cli.py)
+
+# isort: split
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+
+import torch
+from transformers import TrainerCallback, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..quant.arch import get_arch
+from .backends import get_backend
+from .baseline import attach_lora_baseline
+from .data import count_truncated, split_validation, to_prompt_completion
+from .demo import prepare_demo_base, run_demo
+from .distributed import is_main_process, main_process_first, prepare_ranks
+from ..quant.loader import load_model
+from ..quant.memory import memory_report
+from ..method.model import attach_perft, parameter_report
+from ..preflight import check_output_dir, check_perft_config, model_config
+from .records import read_records
+from .train_options import parse_args, perft_config_from_args, sft_config_from_args
+from .trainer import PerftSFTTrainer
+
+DEMO_MARKER = ".perft-qlora-demo"
+"""Written into ``--output-dir`` by ``--demo``: a later ``--demo`` may start over only where it finds it."""
+
+
+def previous_outputs(args: argparse.Namespace) -> list[str]:
+    """What an earlier run wrote into ``--output-dir`` that this run would replace: checkpoints, the adapter and,
+    for ``--demo`` (which writes its tiny base model there), ``base/``."""
+    found = sorted(glob.glob(os.path.join(args.output_dir, "checkpoint-*")))
+    replaced = ["adapter"] + (["base"] if args.demo and args.model is None else [])
+    return found + [path for name in replaced if os.path.isdir(path := os.path.join(args.output_dir, name))]
+
+
+def say(text: str) -> None:
+    """Print to stderr on the first rank only (every rank runs this script under ``accelerate launch``)."""
+    if is_main_process():
+        print(text, file=sys.stderr)
+
+
+def _names(paths: list[str]) -> str:
+    names = [os.path.basename(p) + "/" for p in paths]
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def start_over(args: argparse.Namespace, earlier: list[str]) -> None:
+    """Remove an earlier run's checkpoints and adapter, saying so; only with --overwrite or in a --demo directory."""
+    demo_dir = args.demo and os.path.isfile(os.path.join(args.output_dir, DEMO_MARKER))
+    if not (args.overwrite or demo_dir):
+        hint = " (it was not written by --demo)" if args.demo else ""
+        raise UsageError(
+            f"{args.output_dir} already holds an earlier run ({_names(earlier)}){hint}; pass --resume to continue "
+            "it, --overwrite to delete those and start over, or another --output-dir"
+        )
+    why = "--overwrite" if args.overwrite else "--demo (a previous demo run)"
+    print(f"{why}: removing {_names(earlier)} from {args.output_dir}", file=sys.stderr)
+    for directory in earlier:  # nothing else in the directory is touched
+        shutil.rmtree(directory)
+
+
+def resolve_resume(args: argparse.Namespace, remove: bool = True) -> str | None:
+    """The checkpoint to resume from, or None; an earlier run's outputs go only as ``start_over`` allows.
+
+    ``remove=False`` (every rank but the first under data parallel) decides the same but deletes nothing: by the
+    time it looks, rank 0 has already started over and written this run's files."""
+    check_output_dir(args.output_dir)
+    if args.resume is None:
+        earlier = previous_outputs(args)
+        if earlier and remove:
+            start_over(args, earlier)
+        return None
+    if args.resume != "last":
+        if not os.path.isdir(args.resume):
+            raise UsageError(f"--resume {args.resume}: no such checkpoint directory")
+        return args.resume
+    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    if last is None:
+        raise UsageError(f"--resume: no checkpoint-* directory in {args.output_dir} to continue from; "
+                         "leave out --resume to start a new run")
+    return last
+
+
+def mark_demo_dir(output_dir: str) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, DEMO_MARKER), "w") as handle:
+        json.dump({"written_by": "python -m perft_qlora.train --demo", "contents": ["base", "adapter", "checkpoint-*"]},
+                  handle)
+
+
+def interrupted_message(args: argparse.Namespace) -> str:
+    """What a Ctrl-C leaves behind and how to continue."""
+    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    if last is None:
+        return (f"no checkpoint written yet (one every {args.save_steps} steps in {args.output_dir}); "
+                "nothing to resume, run the command again to start over")
+    return f"the last checkpoint is {last}; continue with the same command plus --resume"
+
+
+def attach_adapter(model, args: argparse.Namespace):
+    """PERFT blocks on every MoE layer, or peft LoRA on attention for ``--variant lora``."""
+    if args.variant == "lora":
+        alpha = args.alpha if args.alpha is not None else 2.0 * args.bottleneck
+        return attach_lora_baseline(model, args.bottleneck, alpha, args.adapter_dropout, args.lora_targets)
+    return attach_perft(model, perft_config_from_args(args), dtype=getattr(torch, args.adapter_dtype))
+
+
+def run(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None) -> PerftSFTTrainer:
+    """Check, load, attach, train and save; returns the trainer (its ``state.log_history`` holds every log line).
+
+    Everything a user passes is checked before any model weight is read (``preflight.py``, ``records.py``)."""
+    backend = get_backend(args.backend)  # fails at once if, e.g., Unsloth has no GPU here
+    args.device = prepare_ranks(args)  # under accelerate launch: this rank's own GPU, launch checks
+    check_perft_config(args)  # the knobs on their own, before --demo writes anything
+    set_seed(args.seed)
+    with main_process_first():  # rank 0 removes old checkpoints and writes the demo base before others look
+        resume = resolve_resume(args, remove=is_main_process())
+        if args.demo and is_main_process():
+            mark_demo_dir(args.output_dir)
+        if args.demo and args.model is None:
+            base = os.path.join(args.output_dir, "base")
+            args.model = prepare_demo_base(args.output_dir) if is_main_process() else base
+    check_perft_config(args, model_config(args.model, args.revision))
+    records = read_records(args.data, required=("instruction", "output"), split=args.data_split)
+    say(records.report())
+    train_set, val_set = split_validation(to_prompt_completion(records, args.template), args.val_size)
+    if resume is not None:
+        say(f"resuming from {resume}")
+
+    model, tokenizer = load_model(
+        args.model, quantize=args.quantize, device=args.device, double_quant=args.double_quant, revision=args.revision,
+        dtype=getattr(torch, args.base_dtype),
+    )
+    arch = get_arch(model.config)
+    too_long, checked = count_truncated(train_set, tokenizer, args.max_length)
+    if too_long:
+        say(f"warning: {too_long} of {checked} examples checked are longer than --max-length {args.max_length} "
+              "tokens and lose the end of their response; raise --max-length")
+    model = attach_adapter(model, args)
+    say(memory_report(model))
+    say(f"{args.variant}: {parameter_report(model)}")
+
+    run_metadata = {
+        "base_model": args.model, "data": args.data, "variant": args.variant, "seed": args.seed, "template": args.template,
+    }
+    trainer = PerftSFTTrainer(
+        model, args=sft_config_from_args(args, arch, val_set is not None), train_dataset=train_set,
+        eval_dataset=val_set, processing_class=tokenizer, callbacks=callbacks, run_metadata=run_metadata,
+    )
+    backend.apply(trainer.model)
+    trainer.train(resume_from_checkpoint=resume)
+    final_dir = os.path.join(args.output_dir, "adapter")
+    trainer.save_model(final_dir)
+    best = trainer.state.best_metric
+    say(f"adapter saved to {final_dir}" + (f" (best eval_loss {best:.4f})" if best is not None else ""))
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line: bad input ends as one ``error:`` line and exit status 1 (``cli.error_path``)."""
+    args = parse_args(argv)
+    with error_path(args.debug, on_interrupt=lambda: interrupted_message(args)):
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()  # SFTTrainer's five per-split preprocessing bars; the training bar stays
+        if args.demo:
+            run_demo(args, run)  # trains, then prints the before/after table and the next commands
+        else:
+            run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Command-line and config-file options of ``python -m perft_qlora.train``, and what they turn into.
+
+Precedence: command line > ``--config`` file (YAML or JSON, keys named like the options, with ``-`` or
+``_``) > ``--demo`` presets > defaults. Defaults follow the authors' released recipe (see
+../shared/docs/perft-method.md); ``None`` for learning rate and balance-loss coefficients means "the
+recipe's value for this architecture" (OLMoE 1e-5 / 0.01, Mixtral 2e-5 / 0.02), resolved once the model
+is known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from ..cli import HelpFormatter, add_debug_option
+from ..method.config import PerftConfig
+from .demo_data import demo_data_path
+
+VARIANT_CHOICES = ("perft", "perft_e", "perft_d", "perft_s", "lora")
+
+# What `--demo` changes: the shipped small base (perft_qlora/training/demo_base.py) and its demo task; a small adapter
+# learns the new mapping in a few dozen steps with a large learning rate, and with the loss on the responses
+# (the base was pre-trained that way: it never learned to predict the prompts' random letters). A second --demo
+# starts over only in a directory the demo wrote (train.py's DEMO_MARKER).
+DEMO_PRESETS = dict(
+    data=demo_data_path("train"), output_dir="perft-demo", variant="perft", num_experts=4, top_k=2, bottleneck=8,
+    adapter_dropout=0.0, val_size=16, epochs=3.0, batch_size=16, learning_rate=1e-2, warmup_steps=5,
+    logging_steps=5, eval_steps=15, save_steps=15, max_length=128, completion_only_loss=True,
+)
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _str_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m perft_qlora.train",
+        description="Fine-tune routed PEFT experts (PERFT) on an NF4 mixture-of-experts model with TRL's SFTTrainer.",
+        formatter_class=HelpFormatter,
+        epilog="Defaults follow the PERFT authors' released recipe (OLMoE / Mixtral values where they differ).",
+    )
+    p.add_argument("--config", help="YAML or JSON file of options (keys as below); the command line overrides it")
+    p.add_argument("--demo", action="store_true",
+                   help="the shipped small pre-trained OLMoE + a task it never saw, on the CPU (sets the demo's own defaults)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="hub name or local path of an OLMoE / Mixtral checkpoint (required unless --demo)")
+    g.add_argument("--revision", help="hub revision (default: the main branch)")
+    g.add_argument("--quantize", default="nf4", choices=("nf4", "none"), help="nf4: every big weight in 4-bit, experts included")
+    g.add_argument("--double-quant", default=True, action=argparse.BooleanOptionalAction, help="quantize the NF4 scales too")
+    g.add_argument("--device", default=None, help="where the model lives: cuda, cuda:1, cpu ... (default: cuda when available, else cpu)")
+    g.add_argument("--base-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="unquantized base weights and the NF4 compute dtype (float32: exact CPU parity checks)")
+    g = p.add_argument_group("adapter")
+    g.add_argument("--variant", default="perft", choices=VARIANT_CHOICES, help="lora = peft LoRA on attention (baseline)")
+    g.add_argument("--num-experts", type=int, default=None, help="M PEFT experts (default: 4 for perft / perft_d)")
+    g.add_argument("--top-k", type=int, default=None, help="K' experts per token (perft; default: 2)")
+    g.add_argument("--bottleneck", type=int, default=16, help="DB, the bottleneck width (LoRA rank for --variant lora)")
+    g.add_argument("--alpha", type=float, default=None, help="scaling alpha / DB (default: 2 * DB)")
+    g.add_argument("--activation", default=None, choices=("silu", "gelu", "relu"), help="between down and up (default: none, i.e. LoRA-style linear)")
+    g.add_argument("--adapter-dropout", type=float, default=0.05, help="dropout on the adapter input")
+    g.add_argument("--aux-loss-coef", type=float, default=None, help="PERFT router balance-loss weight (default: the recipe's, 0.01 OLMoE / 0.02 Mixtral)")
+    g.add_argument("--base-aux-loss-coef", type=float, default=None, help="base router balance-loss weight (default: the recipe's, 0.01 OLMoE / 0.02 Mixtral)")
+    g.add_argument("--layers", type=_int_list, default=None, help="comma-separated decoder layers to adapt (default: all)")
+    g.add_argument("--lora-targets", type=_str_list, default=["q_proj", "k_proj", "v_proj", "o_proj"],
+                   help="modules --variant lora adapts (default: q_proj,k_proj,v_proj,o_proj)")
+    g.add_argument("--adapter-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="adapter weights; float32 master weights (compute follows the model) keep small updates")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="LLM-Adapters rows: a .json/.jsonl file or a datasets hub name (required unless --demo)")
+    g.add_argument("--data-split", default="train", help="split of a hub data set")
+    g.add_argument("--val-size", type=int, default=120, help="rows held out (seed 42) for eval + best checkpoint; 0 = none")
+    g.add_argument("--max-length", type=int, default=256, help="tokens per example (truncated; EOS appended)")
+    g.add_argument("--template", default="released", choices=("released", "alpaca"),
+                   help="prompt template: released = the authors' exact bytes, alpaca = the clean text (recorded in the adapter)")
+    g.add_argument("--completion-only-loss", default=False, action=argparse.BooleanOptionalAction,
+                   help="loss on the response only (recipe: whole sequence; --demo: on)")
+    g = p.add_argument_group("training")
+    g.add_argument("--output-dir", default="perft-out", help="checkpoints, logs and the final adapter (<dir>/adapter)")
+    g.add_argument("--epochs", type=float, default=3.0, help="training epochs")
+    g.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps, overriding --epochs (default: -1, run --epochs)")
+    g.add_argument("--learning-rate", type=float, default=None, help="AdamW learning rate (default: the recipe's, 1e-5 OLMoE / 2e-5 Mixtral)")
+    g.add_argument("--batch-size", type=int, default=16, help="examples per device per step")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="examples per optimizer step over all ranks; sets --batch-size to it / (ranks x --grad-accum)")
+    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps")
+    g.add_argument("--lr-scheduler", default="linear", help="transformers scheduler name (linear decays to 0)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
+    g.add_argument("--seed", type=int, default=42, help="seed for init, dropout and data order")
+    g.add_argument("--logging-steps", type=int, default=10, help="steps between log lines")
+    g.add_argument("--eval-steps", type=int, default=80, help="steps between evaluations on the held-out rows")
+    g.add_argument("--save-steps", type=int, default=80, help="steps between checkpoints (adapter + optimizer state)")
+    g.add_argument("--save-total-limit", type=int, default=3, help="checkpoints kept (the best one is always kept)")
+    g.add_argument("--gradient-checkpointing", default=True, action=argparse.BooleanOptionalAction, help="recompute layers in backward")
+    g.add_argument("--offload-activations", action="store_true", help="keep checkpointed activations in pinned CPU memory")
+    g.add_argument("--report-to", type=_str_list, default=["none"], help="Trainer integrations, e.g. tensorboard,wandb (default: none)")
+    g.add_argument("--backend", default="default", choices=("default", "unsloth"), help="unsloth: CUDA + Unsloth installed")
+    g.add_argument("--resume", nargs="?", const="last", default=None, help="continue from the last checkpoint in --output-dir, or from the checkpoint directory given (default: start a new run)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over: delete an earlier run's checkpoint-* and adapter/ in --output-dir first (--demo "
+                        "does this by itself only in a directory a previous --demo wrote)")
+    add_debug_option(p)
+    return p
+
+
+def _read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: config file {path} does not exist")
+    with open(path, encoding="utf-8") as handle:
+        if path.endswith(".json"):
+            values = json.load(handle)
+        else:
+            import yaml
+
+            values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"error: {path} must hold a mapping of option names to values")
+    known = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise SystemExit(f"error: unknown option(s) in {path}: {', '.join(unknown)}; see --help for the names")
+    for key, value in values.items():  # list-valued options may be written as "a,b" in the file, like on the CLI
+        if isinstance(value, str) and known[key].type in (_int_list, _str_list):
+            values[key] = known[key].type(value)
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options after applying, in rising precedence: defaults, ``--demo`` presets, ``--config`` file, command line."""
+    parser = make_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.demo:
+        parser.set_defaults(**DEMO_PRESETS)
+    if first.config:
+        file_values = _read_config_file(first.config, parser)
+        if file_values.get("demo") and not first.demo:
+            parser.set_defaults(**DEMO_PRESETS)
+        parser.set_defaults(**file_values)
+    args = parser.parse_args(argv)
+    if not args.demo and (args.model is None or args.data is None):
+        parser.error("--model and --data are required (or pass --demo for the built-in tiny run)")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.variant in ("perft", "perft_d") and args.num_experts is None:
+        args.num_experts = 4
+    if args.variant == "perft" and args.top_k is None:
+        args.top_k = 2
+    return args
+
+
+def perft_config_from_args(args: argparse.Namespace) -> PerftConfig:
+    """The adapter's config (validated by PerftConfig itself)."""
+    return PerftConfig(
+        variant=args.variant, num_experts=None if args.variant in ("perft_e", "perft_s") else args.num_experts,
+        top_k=args.top_k if args.variant == "perft" else None, bottleneck=args.bottleneck, alpha=args.alpha,
+        activation=args.activation, dropout=args.adapter_dropout, router_aux_loss_coef=args.aux_loss_coef,
+        layers=args.layers,
+    )
+
+
+def sft_config_from_args(args: argparse.Namespace, arch, has_validation: bool):
+    """TRL ``SFTConfig`` for these options; ``arch`` (a ``MoEArch``) supplies the recipe's values."""
+    from trl import SFTConfig
+
+    on_cpu = not str(args.device).startswith("cuda")
+    learning_rate = args.learning_rate if args.learning_rate is not None else arch.recipe_learning_rate
+    base_coef = args.base_aux_loss_coef if args.base_aux_loss_coef is not None else arch.base_aux_loss_coef
+    return SFTConfig(
+        output_dir=args.output_dir, num_train_epochs=args.epochs, max_steps=args.max_steps, learning_rate=learning_rate,
+        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, warmup_steps=args.warmup_steps, lr_scheduler_type=args.lr_scheduler,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, optim="adamw_torch", seed=args.seed,
+        logging_steps=args.logging_steps, logging_first_step=True, report_to=args.report_to,
+        eval_strategy="steps" if has_validation else "no", eval_steps=args.eval_steps,
+        save_strategy="steps", save_steps=args.save_steps, save_total_limit=args.save_total_limit,
+        load_best_model_at_end=has_validation, metric_for_best_model="eval_loss", greater_is_better=False,
+        activation_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False, "offload": args.offload_activations},
+        max_length=args.max_length, completion_only_loss=args.completion_only_loss, packing=False,
+        router_aux_loss_coef=base_coef,
+        use_cpu=on_cpu, bf16=not on_cpu, dataloader_pin_memory=not on_cpu,
+        # Top-K routing leaves some PEFT experts without tokens in a micro-batch; DDP must tolerate that.
+        ddp_find_unused_parameters=args.variant in ("perft", "perft_e"),
+        # The NF4 weights are buffers (NF4Weight): DDP would otherwise re-send them all from rank 0 before every forward.
+        ddp_broadcast_buffers=False,
+    )

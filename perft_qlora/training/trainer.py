@@ -1,0 +1,149 @@
+"""``PerftSFTTrainer``: TRL's ``SFTTrainer`` for a PERFT-adapted NF4 model.
+
+What it adds to ``SFTTrainer``, and nothing else:
+
+- the PERFT router's balance loss, ``coef · LB(PERFT router logits)``, added to the training loss
+  (``SFTTrainer`` computes its loss from fused log-probs, not from ``output.loss``, so the forward hook's
+  sum is not used here) and logged as ``perft_aux_loss``; TRL itself adds and logs the base router's
+  term (``aux_loss``, weighted by ``SFTConfig.router_aux_loss_coef``);
+- tokens/s, peak memory and per-layer PERFT routing statistics at every logging step;
+- checkpoints that hold the adapter only (``adapter_config.json`` + ``adapter_model.safetensors``, written
+  by :func:`save_adapter`), plus the optimizer, scheduler and RNG state the Trainer adds; resuming and
+  best-checkpoint selection load them back with :func:`load_adapter`.
+
+Why the Trainer accepts the 4-bit model: transformers refuses "purely quantized" models only when
+``model.is_quantized`` is set, which its own ``HfQuantizer`` loading does. ``load_model`` quantizes with
+bitsandbytes' format but outside that machinery, so the check does not apply; the condition it guards
+(a quantized model without anything trainable) is checked here instead. The LoRA baseline (a peft
+``PeftModel``) goes through the Trainer's own peft code paths unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from trl import SFTTrainer
+
+from ..method.checkpoint import load_adapter, save_adapter
+from ..kernels import backend_choices
+from ..method.losses import perft_balance_loss
+from ..quant.memory import peak_memory_bytes
+from ..method.model import balance_loss_coef, parameter_report
+from .model_card import CARD_NAME, render_model_card
+from .progress import REPLACES, TrainingProgress
+from ..method.stats import routing_log
+
+
+def _perft_model(model):
+    """The model carrying ``perft_config`` (unwrapped from DDP and friends), or None for other adapters."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model if getattr(model, "perft_config", None) is not None else None
+
+
+def peak_memory_gib() -> dict[str, float]:
+    """``peak_gpu_mem_gib`` (allocated by torch, since the last reset) on CUDA, else ``peak_rss_gib``."""
+    kind, peak = peak_memory_bytes()
+    return {"peak_gpu_mem_gib" if kind == "gpu" else "peak_rss_gib": peak / 2**30}
+
+
+class PerftSFTTrainer(SFTTrainer):
+    """``SFTTrainer`` plus the PERFT balance loss, richer logs and adapter-only checkpoints (see module doc).
+
+    Args (besides ``SFTTrainer``'s):
+        run_metadata: written into every saved ``adapter_config.json`` under ``extra.training`` (data source,
+            base model, recipe knobs), together with the step and epoch of the save.
+    """
+
+    def __init__(self, model, *args, run_metadata: dict | None = None, **kwargs):
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(
+                "the model has no trainable parameters: attach adapters first "
+                "(perft_qlora.attach_perft, or the LoRA baseline) before building the trainer"
+            )
+        super().__init__(model, *args, **kwargs)
+        self.run_metadata = dict(run_metadata or {})
+        perft = _perft_model(self.model)
+        self.perft_aux_loss_coef = balance_loss_coef(perft) if perft is not None else 0.0
+        self._last_log = (time.perf_counter(), 0)
+        for callback in REPLACES:  # one progress bar + aligned eval lines instead of raw dicts (progress.py)
+            self.remove_callback(callback)
+        if not self.args.disable_tqdm:
+            self.add_callback(TrainingProgress())
+
+    # ---- loss -------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        aux = perft_balance_loss(model, inputs.get("attention_mask")) if self.perft_aux_loss_coef else None
+        if aux is None:
+            return result
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["perft_aux_loss"].append(self.accelerator.gather_for_metrics(aux.detach()).mean().item())
+        # Like TRL's base-router term: a per-micro-batch mean, averaged over the accumulation steps.
+        steps = self.current_gradient_accumulation_steps if (num_items_in_batch is not None and mode == "train") else 1
+        weighted = self.perft_aux_loss_coef * aux / steps
+        if return_outputs:
+            loss, outputs = result
+            return loss + weighted.to(loss.dtype), outputs
+        return result + weighted.to(result.dtype)
+
+    # ---- logging ----------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training and "loss" in logs:
+            now, tokens = time.perf_counter(), self._total_train_tokens
+            last_time, last_tokens = self._last_log
+            if tokens > last_tokens and now > last_time:
+                logs["tokens_per_second"] = (tokens - last_tokens) / (now - last_time)
+            self._last_log = (now, tokens)
+            logs.update(peak_memory_gib())
+            kernels = {f"kernels/{op}": choice for op, choice in backend_choices().items()}
+            if kernels != getattr(self, "_kernels_logged", None):  # the compute backend per op, when it changes
+                logs.update(kernels)
+                self._kernels_logged = kernels
+            perft = _perft_model(self.model)
+            if perft is not None and perft.perft_config.variant in ("perft", "perft_e"):
+                logs.update(routing_log(perft))
+        super().log(logs, start_time)
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        perft = _perft_model(self.model)
+        if perft is None:  # the peft LoRA baseline: the Trainer saves peft's adapter files itself
+            return super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            directory = output_dir or self.args.output_dir
+            metadata = self._training_metadata()
+            card = render_model_card(metadata, perft.perft_config.to_dict(), parameter_report(perft), directory)
+            save_adapter(perft, directory, extra_metadata={"training": metadata}, model_card=card)
+        # save_adapter replaces the directory as a whole: other ranks write their RNG state into it only after.
+        self.accelerator.wait_for_everyone()
+
+    # ---- model card -------------------------------------------------------------------------------
+    def _training_metadata(self) -> dict:
+        return {**self.run_metadata, "global_step": self.state.global_step, "epoch": self.state.epoch,
+                "best_eval_loss": self.state.best_metric}
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None) -> None:
+        """Our card (model_card.py) in ``output_dir``, instead of TRL's (which names a local base model ``None``)."""
+        if not self.is_world_process_zero():
+            return
+        perft = _perft_model(self.model)
+        report = parameter_report(perft) if perft is not None else None  # LoRA: peft writes its own card too
+        card = render_model_card(self._training_metadata(), perft.perft_config.to_dict() if perft else None, report,
+                                 os.path.join(self.args.output_dir, "adapter"))
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, CARD_NAME), "w", encoding="utf-8") as handle:
+            handle.write(card)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        perft = _perft_model(model if model is not None else self.model)
+        if perft is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_adapter(perft, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        perft = _perft_model(self.model)
+        if perft is None:
+            return super()._load_best_model()
+        load_adapter(perft, self.state.best_model_checkpoint)
