@@ -65,6 +65,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+def positive_int(text: str) -> int:
+    """``type=`` for options that count something (rows, beams, tokens): an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def add_debug_option(parser) -> None:
     parser.add_argument("--debug", action="store_true",
                         help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)")

@@ -17,7 +17,7 @@ adapter, where the comparison app's info panel finds it.
 
 from __future__ import annotations
 
-from ..cli import UsageError, add_debug_option, error_path  # first: quiets bitsandbytes' import-time notice (cli.py)
+from ..cli import UsageError, add_debug_option, error_path, positive_int  # first: quiets bitsandbytes' import-time notice (cli.py)
 
 # isort: split
 import argparse
@@ -146,12 +146,6 @@ def _analyze(args, argv: list[str] | None) -> dict:
     return written
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m perft_qlora.analyze", description=__doc__,
@@ -162,11 +156,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", help="layers to analyse, e.g. 0,3,8-11 (default: all)")
     p.add_argument("--data", help="LLM-Adapters rows (.json/.jsonl or a datasets hub name) whose tokens to route")
     p.add_argument("--data-split", default="train", help="split of a hub data set (default: %(default)s)")
-    p.add_argument("--max-texts", type=_positive, default=32, help="rows of --data to route (default: %(default)s)")
-    p.add_argument("--max-length", type=_positive, default=256, help="tokens per row, truncated (default: %(default)s)")
+    p.add_argument("--max-texts", type=positive_int, default=32, help="rows of --data to route (default: %(default)s)")
+    p.add_argument("--max-length", type=positive_int, default=256, help="tokens per row, truncated (default: %(default)s)")
     p.add_argument("--keys", choices=("gate", "up"), default="gate",
                    help="which projection's rows are the experts' key vectors (default: %(default)s)")
-    p.add_argument("--keys-per-expert", type=_positive, default=32,
+    p.add_argument("--keys-per-expert", type=positive_int, default=32,
                    help="key vectors sampled per base expert (default: %(default)s)")
     p.add_argument("--projection", choices=("auto", "pca", "umap"), default="auto",
                    help="2-D map: auto = UMAP when umap-learn is installed, else PCA (default: %(default)s)")

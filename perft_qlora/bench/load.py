@@ -17,15 +17,14 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
 import torch
 
 from ..quant.host_memory import HostPeak
+from .isolate import run_each_in_own_process
 from .random_checkpoint import ARCHES, arch_config, write_random_checkpoint
-from .train import _without_out
 
 SETUPS = ("perft_qlora", "hf-qlora", "hf-bf16")
 GIB = 2**30
@@ -115,16 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         print(json.dumps(measure_load(args.only, path, args.device)))
         return 0
-    rows = []
-    forwarded = _without_out(argv if argv is not None else sys.argv[1:])
-    for setup in ["perft_qlora", *baselines]:
-        done = subprocess.run([sys.executable, "-m", "perft_qlora.bench", "load", *forwarded, "--only", setup],
-                              capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode != 0 or not lines:
-            rows.append({"setup": setup, "error": (done.stderr.strip().splitlines() or ["no output"])[-1][:200]})
-        else:
-            rows.append(json.loads(lines[-1]))
+    rows = run_each_in_own_process("load", argv if argv is not None else sys.argv[1:], ["perft_qlora", *baselines])
     print(f"{name}, device {args.device}, torch threads {rows[0].get('threads', '?')}")
     print(render(rows))
     if args.out:

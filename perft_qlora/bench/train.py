@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ import torch
 from ..cli import HelpFormatter
 from ..quant.load_report import LoadMeter
 from ..quant.memory import peak_memory_bytes
+from .isolate import run_each_in_own_process
 from .random_checkpoint import ARCHES, arch_config, write_random_checkpoint
 
 SETUPS = ("perft_qlora", "hf-qlora", "hf-bf16", "bnb-param4")
@@ -212,16 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         print(json.dumps(run_setup(args.only, path, args)))
         return 0
-    rows = []
-    forwarded = _without_out(argv if argv is not None else sys.argv[1:])
-    for setup in ["perft_qlora", *baselines]:
-        done = subprocess.run([sys.executable, "-m", "perft_qlora.bench", "train", *forwarded, "--only", setup],
-                              capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode != 0 or not lines:
-            rows.append({"setup": setup, "error": (done.stderr.strip().splitlines() or ["no output"])[-1][:200]})
-        else:
-            rows.append(json.loads(lines[-1]))
+    rows = run_each_in_own_process("train", argv if argv is not None else sys.argv[1:], ["perft_qlora", *baselines])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"{name}, batch {args.batch} x {args.seq} tokens, {args.variant}, device {device}")
     print(render(rows))
@@ -230,15 +221,3 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"arch": name, "batch": args.batch, "seq": args.seq, "device": device, "results": rows}, handle, indent=2)
     return 0 if all("error" not in r for r in rows) else 1
 
-
-def _without_out(argv: list[str]) -> list[str]:
-    """``argv`` without ``--out FILE`` / ``--out=FILE`` (only the parent writes the JSON)."""
-    kept, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item == "--out":
-            skip = True
-        elif not item.startswith("--out="):
-            kept.append(item)
-    return kept

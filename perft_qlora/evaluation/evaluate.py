@@ -13,7 +13,7 @@ arc-c obqa addsub multiarith singleeq gsm8k aqua svamp demo; groups: commonsense
 
 from __future__ import annotations
 
-from ..cli import add_debug_option, error_path  # first: quiets bitsandbytes' import-time notice (see cli.py)
+from ..cli import add_debug_option, error_path, positive_int  # first: quiets bitsandbytes' import-time notice (see cli.py)
 
 # isort: split
 import argparse
@@ -171,12 +171,6 @@ def _evaluate(args, plan: Plan) -> dict:
     return summary.to_dict()
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -199,11 +193,11 @@ def make_parser() -> argparse.ArgumentParser:
                         help="prompt template (default: each adapter's own, released for the base model); "
                              "a warning names adapters trained with another")
     parser.add_argument("--greedy", action="store_true", help="one beam instead of the protocol's 4 (quick looks)")
-    parser.add_argument("--num-beams", type=_positive, default=None, help="beam width (default: the protocol's, 4)")
-    parser.add_argument("--max-new-tokens", type=_positive, default=None,
+    parser.add_argument("--num-beams", type=positive_int, default=None, help="beam width (default: the protocol's, 4)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None,
                         help="override the protocol's token budget for every task (quick looks; recorded)")
-    parser.add_argument("--limit", type=_positive, default=None, help="only the first N rows of each task")
-    parser.add_argument("--batch-size", type=_positive, default=8,
+    parser.add_argument("--limit", type=positive_int, default=None, help="only the first N rows of each task")
+    parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="prompts per generate call (default: %(default)s)")
     parser.add_argument("--output-dir", default="eval-results", help="where results go (default: %(default)s)")
     parser.add_argument("--resume", action="store_true",
