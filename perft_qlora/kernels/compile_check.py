@@ -38,7 +38,8 @@ KINDS = {  # argument name -> Triton type of the bf16 specialisation
 }
 ARG_TYPES = {name: kind for kind, names in KINDS.items() for name in names.split()}
 DIVISIBLE_INTS = {"H", "I", "stride_x", "stride_d", "KA", "N", "OUT", "IN", "D", "KSPAN"}
-"""Integer arguments that are multiples of 16 at every real layer shape (KSPAN: whole BK steps): the runtime marks them so."""
+"""Integer arguments that are multiples of 16 at every real layer shape (KSPAN: whole BK steps): the runtime
+marks them so."""
 ACTS = ("silu", "relu", "gelu")
 
 
