@@ -96,9 +96,12 @@ def test_adapter_widest_tiles_bf16(monkeypatch, backend, experts, bottleneck, fo
         assert_flash_rule(f"{backend}/{formulation}/{name}", k, r, t)
 
 
+@pytest.mark.parametrize("shape", [dict(experts=64, hidden=2048, inter=1024, tokens=256, top_k=8),
+                                   dict(experts=2, hidden=4096, inter=14336, tokens=16, top_k=2)],  # split-K down fwd
+                         ids=["olmoe", "mixtral-decode"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nf4_mlp_is_deterministic(monkeypatch, backend):
-    layer = _layer(experts=64, hidden=2048, inter=1024, tokens=256, top_k=8, seed=2)
+def test_nf4_mlp_is_deterministic(monkeypatch, backend, shape):
+    layer = _layer(**shape, seed=2)
     first, second = _mlp(monkeypatch, backend, layer), _mlp(monkeypatch, backend, layer)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
