@@ -1,6 +1,7 @@
 """GPU checks at real layer shapes (marked ``gpu``: skipped without CUDA; ``bench gpu-check`` runs them first).
 
-- an OLMoE layer (E=64, H=2048, I=1024, T=256, K=8) and a Mixtral slice (E=2, H=4096, I=14336) through
+- an OLMoE layer (E=64, H=2048, I=1024, T=256, K=8) and a Mixtral slice (E=2, H=4096, I=14336; T=16 takes
+  the split-K down projection) through
   every backend in bf16, forward and backward, against a float32 truth (flash-attention's rule: at most
   2x the bf16 reference's error);
 - the routed adapter at the kernels' widest tiles (dense P=256, sorted PDB=128) the same way;
@@ -60,7 +61,9 @@ def _mlp_truth(layer):
 
 
 @pytest.mark.parametrize("shape", [dict(experts=64, hidden=2048, inter=1024, tokens=256, top_k=8),
-                                   dict(experts=2, hidden=4096, inter=14336, tokens=64, top_k=2)], ids=["olmoe", "mixtral"])
+                                   dict(experts=2, hidden=4096, inter=14336, tokens=64, top_k=2),
+                                   dict(experts=2, hidden=4096, inter=14336, tokens=16, top_k=2)],  # split-K down fwd
+                         ids=["olmoe", "mixtral", "mixtral-decode"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nf4_mlp_real_shapes_bf16(monkeypatch, shape, backend):
     layer = _layer(**shape)
@@ -93,9 +96,12 @@ def test_adapter_widest_tiles_bf16(monkeypatch, backend, experts, bottleneck, fo
         assert_flash_rule(f"{backend}/{formulation}/{name}", k, r, t)
 
 
+@pytest.mark.parametrize("shape", [dict(experts=64, hidden=2048, inter=1024, tokens=256, top_k=8),
+                                   dict(experts=2, hidden=4096, inter=14336, tokens=16, top_k=2)],  # split-K down fwd
+                         ids=["olmoe", "mixtral-decode"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nf4_mlp_is_deterministic(monkeypatch, backend):
-    layer = _layer(experts=64, hidden=2048, inter=1024, tokens=256, top_k=8, seed=2)
+def test_nf4_mlp_is_deterministic(monkeypatch, backend, shape):
+    layer = _layer(**shape, seed=2)
     first, second = _mlp(monkeypatch, backend, layer), _mlp(monkeypatch, backend, layer)
     for a, b in zip(first, second):
         assert torch.equal(a, b)

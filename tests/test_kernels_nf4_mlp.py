@@ -146,6 +146,95 @@ def test_no_grad_forward_stores_no_preactivations_and_matches(monkeypatch):
     assert stores[-1] == (True, 9 * 2 * 2 * 64)  # R = T*K rows of [gate | up]
 
 
+# Split-K down projection (decode tiles, long K). I = 192 with BK = 128 and 3 slices: slices of 128
+# (whole BK steps), so slice 1 holds K's 64-wide tail and slice 2 starts past I (empty: stores zeros).
+SPLIT_EMPTY_LAST = NF4Blocks(m=16, n=128, k=128, split_k=3)
+
+
+def _spy_on_down(monkeypatch):
+    """Record which down-projection launcher ran, in order: 'splitk', 'rows(trans_w=...)', 'down_bwd'."""
+    from perft_qlora.kernels import ops
+
+    calls, splitk, rows, down_bwd = [], ops.down_forward_splitk, ops.rows_matmul, ops.down_backward
+
+    def spy_splitk(*args, **kwargs):
+        calls.append("splitk")
+        return splitk(*args, **kwargs)
+
+    def spy_rows(*args, **kwargs):
+        calls.append(f"rows(trans_w={kwargs['trans_w']})")
+        return rows(*args, **kwargs)
+
+    def spy_bwd(*args, **kwargs):
+        calls.append("down_bwd")
+        return down_bwd(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "down_forward_splitk", spy_splitk)
+    monkeypatch.setattr(ops, "rows_matmul", spy_rows)
+    monkeypatch.setattr(ops, "down_backward", spy_bwd)
+    return calls
+
+
+@pytest.mark.parametrize("case,tokens,top_k", CASES)
+def test_split_k_matches_reference_fp32_interpreter(monkeypatch, case, tokens, top_k):
+    """Forward through the split-K down projection; backward still takes the unsplit kernels."""
+    calls = _spy_on_down(monkeypatch)
+    _check(monkeypatch, case, tokens, top_k, torch.float32, double_quant=True, blocks=SPLIT_EMPTY_LAST, seed=4)
+    assert calls == ["splitk", "down_bwd", "rows(trans_w=False)"], calls
+
+
+def test_split_k_matches_reference_fp16_plain_absmax(monkeypatch):
+    """fp16, plain absmax, BK = 64 and 5 slices of 64 over I = 192: slices 3 and 4 are empty."""
+    calls = _spy_on_down(monkeypatch)
+    blocks = NF4Blocks(m=32, n=64, k=64, split_k=5)
+    _check(monkeypatch, "random_with_empty_expert", 23, 2, torch.float16, double_quant=False, blocks=blocks, seed=5)
+    assert calls == ["splitk", "down_bwd", "rows(trans_w=False)"], calls
+
+
+def test_split_k_partials_sum_to_the_unsplit_rows_and_empty_slices_are_zero():
+    """The launcher's (S, R, H) float32 partials: empty slices are written as zeros, the sum is the unsplit y."""
+    from perft_qlora.kernels.sorting import sort_by_expert, tile_schedule
+    from perft_qlora.kernels.triton_nf4_mlp import down_forward_splitk, rows_matmul
+
+    g = torch.Generator().manual_seed(6)
+    _, down = _experts(4, 192, 192, True, g)
+    weights, indices = _routing("random_with_empty_expert", 11, 4, 2, g)
+    sort = sort_by_expert(indices.to(DEVICE), 4)
+    sched = tile_schedule(sort.offsets, 22, SPLIT_EMPTY_LAST.m)
+    h = torch.randn(22, 192, generator=g).to(DEVICE)
+    row_w = weights.reshape(-1)[sort.order.cpu()].float().to(DEVICE)
+    parts = down_forward_splitk(h, sort, sched, down, row_w, SPLIT_EMPTY_LAST)
+    assert parts.shape == (3, 22, 192) and parts.dtype == torch.float32
+    assert torch.equal(parts[2], torch.zeros_like(parts[2])) and parts[1].abs().amax() > 0  # slice 1: K's tail
+    whole = rows_matmul(h, sort, sched, down, trans_w=True, row_scale=row_w, blocks=SPLIT_EMPTY_LAST)
+    torch.testing.assert_close(parts.sum(0), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_split_k_is_chosen_for_mixtral_decode_only():
+    """The tile table splits the down projection at decode tiles with a long K: Mixtral at the benchmark's 1 and
+    16 tokens (what ``bench kernels`` times), not OLMoE (I = 1024) and not training batches."""
+    from perft_qlora.bench.kernels import SHAPES
+    from perft_qlora.kernels.triton_nf4_mlp import SPLIT_K_MIN_INNER, default_nf4_blocks
+
+    mixtral, olmoe = SHAPES["mixtral"], SHAPES["olmoe"]
+    assert mixtral["inter"] >= SPLIT_K_MIN_INNER > olmoe["inter"]
+    for tokens in (1, 16):
+        assert default_nf4_blocks(tokens * mixtral["top_k"], mixtral["experts"], mixtral["inter"]).split_k > 1
+        assert default_nf4_blocks(tokens * olmoe["top_k"], olmoe["experts"], olmoe["inter"]).split_k == 1
+    for tokens in (512, 4096):
+        assert default_nf4_blocks(tokens * mixtral["top_k"], mixtral["experts"], mixtral["inter"]).split_k == 1
+
+
+def test_default_blocks_take_the_split_path_at_decode(monkeypatch):
+    """blocks=None at a decode shape with I >= SPLIT_K_MIN_INNER runs the split-K launcher (small H keeps it quick)."""
+    from perft_qlora.kernels import triton_nf4_mlp
+
+    monkeypatch.setattr(triton_nf4_mlp, "SPLIT_K_MIN_INNER", 192)
+    calls = _spy_on_down(monkeypatch)
+    _check(monkeypatch, "random_with_empty_expert", 3, 2, torch.float32, double_quant=True, blocks=None, seed=7)
+    assert calls == ["splitk", "down_bwd", "rows(trans_w=False)"], calls
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case,tokens,top_k", CASES + [("random_with_empty_expert", 1000, 3)])
 def test_matches_reference_bf16_gpu(monkeypatch, case, tokens, top_k):

@@ -28,17 +28,18 @@ from collections import Counter
 from typing import NamedTuple
 
 KINDS = {  # argument name -> Triton type of the bf16 specialisation
-    "*bf16": "x a dout h_out ab_out y ab dab down up out dx ddown dup",
-    "*fp32": "row_scale row_w gates hpre dgc dh ddown_part dup_part hs dhs dw dx32 out32 dw_part wc wa2 wc2 wo",
+    "*bf16": "x a h dout h_out ab_out y ab dab down up out dx ddown dup",
+    "*fp32": "y_part row_scale row_w gates hpre dgc dh ddown_part dup_part hs dhs dw dx32 out32 dw_part wc wa2 wc2 wo",
     "*i64": "tokens order offsets",
     "*i32": "sched_e sched_s",
     "*u8": "wp wa",
-    "i32": "H I stride_x stride_d KA N OUT IN T D DB M span",
+    "i32": "H I stride_x stride_d KA N OUT IN T D DB M span KSPAN slots",
     "fp32": "scaling",
 }
 ARG_TYPES = {name: kind for kind, names in KINDS.items() for name in names.split()}
-DIVISIBLE_INTS = {"H", "I", "stride_x", "stride_d", "KA", "N", "OUT", "IN", "D"}
-"""Integer arguments that are multiples of 16 at every real layer shape: the runtime marks them so."""
+DIVISIBLE_INTS = {"H", "I", "stride_x", "stride_d", "KA", "N", "OUT", "IN", "D", "KSPAN"}
+"""Integer arguments that are multiples of 16 at every real layer shape (KSPAN: whole BK steps): the runtime
+marks them so."""
 ACTS = ("silu", "relu", "gelu")
 
 
@@ -65,6 +66,9 @@ def _nf4_builds() -> list[Build]:
                 Build(f"nf4 gate_up bwd {tag}", mlp._rows_matmul_kernel, dict(TRANS_W=False, SCALE=False, **tiles), b.warps, b.stages),
                 Build(f"nf4 down bwd {tag}", mlp._down_bwd_kernel, dict(ACT="silu", **tiles), b.warps, b.stages),
             ]
+            if b.split_k > 1:  # the decode tiles' split-K down projection (forward only)
+                builds.append(Build(f"nf4 down fwd splitk{b.split_k} {tag}", mlp._down_fwd_splitk_kernel, tiles,
+                                    b.warps, b.stages))
         if bound is None:  # the other activations change the epilogue only: built at the largest tile
             for act in ACTS[1:]:
                 builds.append(Build(f"nf4 gate_up fwd {tile} {act}", mlp._gate_up_fwd_kernel,

@@ -11,7 +11,14 @@ import torch
 from .sorting import ExpertSort, TileSchedule, gate_matrix, sort_by_expert, tile_schedule
 from .triton_adapter_dense import DenseBlocks, default_dense_blocks, dense_backward, dense_forward, hidden_width
 from .triton_adapter_sorted import SortedBlocks, default_sorted_blocks, sorted_backward, sorted_forward
-from .triton_nf4_mlp import NF4Blocks, default_nf4_blocks, down_backward, gate_up_forward, rows_matmul
+from .triton_nf4_mlp import (
+    NF4Blocks,
+    default_nf4_blocks,
+    down_backward,
+    down_forward_splitk,
+    gate_up_forward,
+    rows_matmul,
+)
 
 
 def _sum_slots(y: torch.Tensor, tokens: int, dtype: torch.dtype) -> torch.Tensor:
@@ -36,6 +43,9 @@ class NF4ExpertMLPFunction(torch.autograd.Function):
     The weights get no gradient. Saved: ``ab`` (R, 2I) in x's dtype and the routing layout; not x,
     not h, not y and no dequantized weight. Recomputing ``ab`` instead would save R·2I values but
     cost a third grouped GEMM (+2/3 of the forward FLOPs) in every backward.
+
+    At decode tiles with a long K (``blocks.split_k > 1``) the forward's ``y`` comes from float32 K-slice
+    partials ``(S, R, H)`` summed over S, then over k; the backward is the same either way.
     """
 
     @staticmethod
@@ -43,15 +53,18 @@ class NF4ExpertMLPFunction(torch.autograd.Function):
         tokens, top_k = indices.shape
         num_experts = gate_up.shape[0]
         rows = tokens * top_k
-        blocks = blocks or default_nf4_blocks(rows, num_experts)
+        blocks = blocks or default_nf4_blocks(rows, num_experts, down.shape[2])
         sort = sort_by_expert(indices, num_experts)
         sched = tile_schedule(sort.offsets, rows, blocks.m)
         store_ab = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         h, ab = gate_up_forward(x, sort, sched, gate_up, act, store_ab, blocks)  # (R, I), (R, 2I)
         row_w = weights.reshape(-1)[sort.order].float()  # (R,)
-        y = rows_matmul(h, sort, sched, down, trans_w=True, row_scale=row_w, blocks=blocks)  # (R, H) slot order
         ctx.save_for_backward(ab, row_w, *sort, *sched)
         ctx.layout = (gate_up, down, act, blocks, tokens, top_k, weights.dtype)
+        if blocks.split_k > 1:  # decode, long K: float32 partials (S, R, H), summed over S then K in fixed order
+            y = down_forward_splitk(h, sort, sched, down, row_w, blocks).sum(dim=0)  # (R, H) slot order
+        else:
+            y = rows_matmul(h, sort, sched, down, trans_w=True, row_scale=row_w, blocks=blocks)  # (R, H) slot order
         return _sum_slots(y, tokens, x.dtype)
 
     @staticmethod

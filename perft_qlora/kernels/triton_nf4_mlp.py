@@ -9,12 +9,14 @@ registers (``triton_common.nf4_tile``) right before ``tl.dot``; no bf16 weight e
 - ``_rows_matmul_kernel``: ``y = a W_e^T`` (TRANS_W) or ``y = a W_e``, rows optionally scaled by the
   routing weight, stored to the row's slot ``order[r]``: the down projection (forward) and the
   input gradient through ``gate_up`` (backward).
+- ``_down_fwd_splitk_kernel``: the down projection with K (= I) split over a third grid axis at decode
+  tiles: float32 partials ``(splits, R, H)``, summed in a fixed order by the caller (no atomics).
 - ``_down_bwd_kernel``: ``g = dout[token] W_d`` with the whole SiLU-gate backward in the epilogue.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -33,11 +35,13 @@ class NF4Blocks:
     k: int = 64
     warps: int = 4
     stages: int = 3
+    split_k: int = 1
+    """K slices of the down projection's forward (``_down_fwd_splitk_kernel`` when > 1; backward never splits)."""
 
 
 NF4_TILES = {  # mean rows per active expert up to -> tiles (BM can't go under triton.autotune: the schedule uses it)
-    16: NF4Blocks(m=16, warps=4),  # decode
-    32: NF4Blocks(m=32, warps=4),
+    16: NF4Blocks(m=16, warps=4, split_k=8),  # decode
+    32: NF4Blocks(m=32, warps=4, split_k=4),
     128: NF4Blocks(m=64, warps=8),
     None: NF4Blocks(m=128, warps=8),  # training batches (OLMoE 16x256 tokens: 512 rows per expert)
 }
@@ -45,15 +49,23 @@ NF4_TILES = {  # mean rows per active expert up to -> tiles (BM can't go under t
 builds every entry (sm_90, Triton 3.9, runtime attributes): none spills; m=128 does twice m=64's MMA
 work per K-step in the same ~380-instruction gate_up loop (157 vs 112 registers). BN=128 at m=128
 spills (gate_up forward 16 B, down backward 792 B of stack), so N stays 64. Which tile is fastest is
-the GPU benchmark's call (``bench gpu-check``)."""
+the GPU benchmark's call (``bench gpu-check``). The decode tiles split the down projection's K into
+``split_k`` slices when K is at least ``SPLIT_K_MIN_INNER`` (Mixtral, I = 14336: 8 or 4 slices instead of
+one 224-step K loop over few output tiles); the slice counts are a starting point, not a measured optimum."""
+
+SPLIT_K_MIN_INNER = 4096
+"""Smallest intermediate size I (the down projection's K) at which the decode tiles split K (OLMoE's 1024 does not)."""
 
 
-def default_nf4_blocks(num_rows: int, num_experts: int) -> NF4Blocks:
-    """The ``NF4_TILES`` entry for the mean rows per active expert (16 when decoding, more in training)."""
+def default_nf4_blocks(num_rows: int, num_experts: int, inner: int) -> NF4Blocks:
+    """The ``NF4_TILES`` entry for the mean rows per active expert (16 when decoding, more in training).
+
+    ``inner`` is the intermediate size I: below ``SPLIT_K_MIN_INNER`` the down projection is not split.
+    """
     per_expert = num_rows / max(1, min(num_experts, num_rows))
     for bound, blocks in NF4_TILES.items():
         if bound is None or per_expert <= bound:
-            return blocks
+            return blocks if inner >= SPLIT_K_MIN_INNER else replace(blocks, split_k=1)
     raise AssertionError("NF4_TILES needs a None entry")
 
 
@@ -116,6 +128,36 @@ def _rows_matmul_kernel(
         acc = acc * tl.load(row_scale + rows, mask=rmask, other=0.0)[:, None]
     slot = tl.load(order + rows, mask=rmask, other=0)  # (BM,) int64
     tl.store(y + slot[:, None] * N + n[None, :], acc.to(y.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _down_fwd_splitk_kernel(
+    h, row_scale, order, sched_e, sched_s, offsets, wp, wa, wc, wa2, wc2, wo, y_part, I, H, KSPAN, slots,
+    NESTED: tl.constexpr, QB: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """``y_part[s, order[r]] = w_r · h[r, ks] D_e[:, ks]^T`` over K slice ``ks = [s·KSPAN, (s+1)·KSPAN) ∩ [0, I)``.
+
+    KSPAN is a multiple of BK; an empty slice (past I) stores zeros, so every partial is written.
+    """
+    expert, rows, rmask = tile_rows(sched_e, sched_s, offsets, tl.program_id(0), BM)
+    if expert < 0:
+        return
+    n = tl.program_id(1) * BN + tl.arange(0, BN)  # (BN,) output columns (H)
+    nmask = n < H
+    base = expert.to(tl.int64) * H * I
+    k_lo = tl.program_id(2) * KSPAN
+    k_hi = tl.minimum(k_lo + KSPAN, I)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < I  # a slice is whole BK steps: only I's tail is masked
+        x = tl.load(h + rows[:, None] * I + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        w = nf4_tile(wp, wa, wc, wa2, wc2, wo, base, n.to(tl.int64), nmask, k0, I, NESTED, QB, BN, BK)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PREC)
+    acc = acc * tl.load(row_scale + rows, mask=rmask, other=0.0)[:, None]
+    slot = tl.load(order + rows, mask=rmask, other=0)  # (BM,) int64
+    out = y_part + tl.program_id(2).to(tl.int64) * slots * H
+    tl.store(out + slot[:, None] * H + n[None, :], acc, mask=rmask[:, None] & nmask[None, :])
 
 
 @triton.jit
@@ -202,6 +244,27 @@ def rows_matmul(a, sort: ExpertSort, sched: TileSchedule, weight, trans_w: bool,
         **_launch_opts(blocks, weight, a.dtype),
     )
     return y
+
+
+def down_forward_splitk(h, sort: ExpertSort, sched: TileSchedule, down, row_scale, blocks: NF4Blocks):
+    """Down projection ``w_r · h[r] D_e^T`` with K = I split into ``blocks.split_k`` slices of whole BK steps.
+
+    Args:
+        h: (R, I) contiguous sorted rows. down: NF4Weight (E, H, I). row_scale: (R,) float32.
+    Returns:
+        y_part: (split_k, R, H) float32 partial rows in slot order; ``y_part.sum(0)`` is ``rows_matmul``'s y.
+        Slices past I (when ``split_k`` BK-rounded slices overshoot) are zeros.
+    """
+    _, hidden, inter = down.shape
+    rows = h.shape[0]
+    span = triton.cdiv(triton.cdiv(inter, blocks.split_k), blocks.k) * blocks.k  # K per slice, whole BK steps
+    y_part = torch.empty(blocks.split_k, rows, hidden, device=h.device, dtype=torch.float32)
+    grid = (sched.expert.numel(), triton.cdiv(hidden, blocks.n), blocks.split_k)
+    _down_fwd_splitk_kernel[grid](
+        h, row_scale, sort.order, sched.expert, sched.start, sort.offsets, *nf4_args(down), y_part, inter, hidden,
+        span, rows, BN=blocks.n, BK=blocks.k, **_launch_opts(blocks, down, h.dtype),
+    )
+    return y_part
 
 
 def down_backward(dout, sort: ExpertSort, sched: TileSchedule, down, ab, row_w, act: str, blocks: NF4Blocks):
