@@ -83,13 +83,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     import torch
     from safetensors import SafetensorError
 
-    from .quant.arch import UnsupportedArchitectureError
-    from .training.backends import BackendUnavailableError
-    from .method.checkpoint import AdapterError
     from .evaluation.predictions import PredictionsError
     from .evaluation.prompts import TemplateError
-    from .training.records import DataError
     from .evaluation.tasks import TaskError
+    from .method.checkpoint import AdapterError
+    from .quant.arch import UnsupportedArchitectureError
+    from .training.backends import BackendUnavailableError
+    from .training.records import DataError
 
     return (UsageError, DataError, AdapterError, TaskError, PredictionsError, TemplateError,
             UnsupportedArchitectureError, BackendUnavailableError, SafetensorError, OSError, torch.OutOfMemoryError)

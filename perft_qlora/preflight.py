@@ -11,9 +11,9 @@ import json
 import os
 import re
 
-from .quant.arch import ARCHITECTURES, get_arch
 from .cli import UsageError
 from .method.config import PerftConfig
+from .quant.arch import ARCHITECTURES, get_arch
 
 _OPTION_NAMES = {"num_experts": "--num-experts", "top_k": "--top-k", "bottleneck": "--bottleneck",
                  "dropout": "--adapter-dropout", "activation": "--activation", "variant": "--variant"}

@@ -9,7 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from perft_qlora import AdapterError, PerftConfig, __version__, attach_perft, iter_perft_blocks, load_adapter, save_adapter
+from perft_qlora import (
+    AdapterError,
+    PerftConfig,
+    __version__,
+    attach_perft,
+    iter_perft_blocks,
+    load_adapter,
+    save_adapter,
+)
 from perft_qlora.method.checkpoint import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
 
 ARCHS = ("olmoe", "mixtral")

@@ -13,10 +13,10 @@ import sys
 import pytest
 
 from perft_qlora import PerftConfig, attach_perft, load_model, save_adapter
-from perft_qlora.evaluation import evaluate
-from perft_qlora.training import train
-from perft_qlora.method.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from perft_qlora.cli import BNB_CPU_LOGGER, DEBUG_ENV, UsageError
+from perft_qlora.evaluation import evaluate
+from perft_qlora.method.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from perft_qlora.training import train
 from perft_qlora.training.train_options import DEMO_PRESETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

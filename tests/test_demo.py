@@ -7,10 +7,10 @@ import random
 import pytest
 
 from perft_qlora import load_model
+from perft_qlora.quant.nf4_experts import NF4Experts
 from perft_qlora.training.demo import DemoReport, demo_rows, held_out_accuracy, prepare_demo_base
 from perft_qlora.training.demo_base import MANIFEST, check, demo_base_dir
 from perft_qlora.training.demo_corpus import DEMO_FAMILY, FAMILIES, TEMPLATES, pretraining_example
-from perft_qlora.quant.nf4_experts import NF4Experts
 from perft_qlora.training.train import run
 from perft_qlora.training.train_options import parse_args
 
@@ -81,8 +81,8 @@ def test_demo_takes_the_base_from_chance_to_90_percent(tmp_path):
 
 def app_answers_like_the_table(demo_dir):
     """The app's chat path (``ChatModel``, as ``apps/compare.py --demo`` uses it): adapter right, base wrong."""
-    from perft_qlora.serving.chat import BASE, ChatModel, GenerationSettings
     from perft_qlora.evaluation.tasks import TASKS
+    from perft_qlora.serving.chat import BASE, ChatModel, GenerationSettings
 
     chat = ChatModel.load(str(demo_dir / "base"), device="cpu")
     chat.register_adapter("demo", str(demo_dir / "adapter"))

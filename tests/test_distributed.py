@@ -20,12 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from perft_qlora.training import distributed
 from perft_qlora.method.checkpoint import WEIGHTS_NAME
 from perft_qlora.quant.nf4 import NF4Weight
+from perft_qlora.training import distributed
+from perft_qlora.training.tiny import save_tiny_model
 from perft_qlora.training.train import run
 from perft_qlora.training.train_options import parse_args
-from perft_qlora.training.tiny import save_tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DDP_CONFIG = os.path.join(REPO, "examples", "accelerate", "ddp.yaml")

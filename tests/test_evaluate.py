@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from perft_qlora import PerftConfig, attach_perft, iter_perft_blocks, load_model, save_adapter
-from perft_qlora.evaluation import evaluate
-from perft_qlora.evaluation import task_runner
-from perft_qlora.method.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from perft_qlora.evaluation import evaluate, task_runner
 from perft_qlora.evaluation.generate import generate_batch
 from perft_qlora.evaluation.predictions import FIELDS
 from perft_qlora.evaluation.tasks import TASKS
+from perft_qlora.method.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
 

@@ -9,8 +9,16 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, OlmoeConfig
 
-from perft_qlora import PerftConfig, attach_perft, iter_perft_blocks, parameter_report, perft_balance_loss, routing_stats
+from perft_qlora import (
+    PerftConfig,
+    attach_perft,
+    iter_perft_blocks,
+    parameter_report,
+    perft_balance_loss,
+    routing_stats,
+)
 from perft_qlora.method.layer import PerftMoEBlock
+from perft_qlora.training.tiny import FAMILY_TINY
 
 ARCHS = ("olmoe", "mixtral")
 CONFIGS = {
@@ -35,7 +43,7 @@ def _randomize_adapters(model, seed=0):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + tuple(sorted(FAMILY_TINY)))  # every family (the rest: test_families.py)
 @pytest.mark.parametrize("variant", CONFIGS)
 def test_attached_model_equals_base_model_at_init(tiny_nf4, arch, variant, token_batch):
     model, _ = tiny_nf4(arch)

@@ -8,9 +8,9 @@ import torch
 from transformers import TrainerCallback
 
 from perft_qlora import load_adapter, load_model
-from perft_qlora.training.backends import BackendUnavailableError, get_backend
-from perft_qlora.method.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from perft_qlora.cli import UsageError
+from perft_qlora.method.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from perft_qlora.training.backends import BackendUnavailableError, get_backend
 from perft_qlora.training.train import main, run
 from perft_qlora.training.train_options import DEMO_PRESETS, parse_args
 from perft_qlora.training.trainer import PerftSFTTrainer

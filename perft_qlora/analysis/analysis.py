@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from ..method.adapters import adapter_kind
-from ..quant.arch import get_arch
 from ..method.checkpoint import WEIGHTS_NAME, AdapterError, load_adapter, read_adapter_config
+from ..method.model import detach_perft
+from ..quant.arch import get_arch
 from .geometry import (
     adapter_vectors,
     base_vectors,
@@ -27,7 +28,6 @@ from .geometry import (
     random_baseline,
     router_key_alignment,
 )
-from ..method.model import detach_perft
 from .token_routing import adapter_summary, base_summary, record_routing
 
 FORMAT_VERSION = 1

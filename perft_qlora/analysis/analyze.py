@@ -17,7 +17,12 @@ adapter, where the comparison app's info panel finds it.
 
 from __future__ import annotations
 
-from ..cli import UsageError, add_debug_option, error_path, positive_int  # first: quiets bitsandbytes' import-time notice (cli.py)
+from ..cli import (  # first: quiets bitsandbytes' import-time notice (cli.py)
+    UsageError,
+    add_debug_option,
+    error_path,
+    positive_int,
+)
 
 # isort: split
 import argparse
@@ -28,11 +33,11 @@ import sys
 
 from transformers import AutoConfig
 
+from ..evaluation.prompts import DEFAULT_TEMPLATE, get_template
+from ..quant.arch import get_arch
+from ..training.records import read_records
 from .analysis import analyze, read_adapter_spec
 from .analysis_report import PLOTS_NEED, default_out_dir, write_analysis
-from ..quant.arch import get_arch
-from ..evaluation.prompts import DEFAULT_TEMPLATE, get_template
-from ..training.records import read_records
 
 
 class InputError(UsageError):

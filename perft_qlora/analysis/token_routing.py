@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.arch import decoder_layers, get_arch
 from ..method.layer import PerftMoEBlock
 from ..method.stats import (
     agreement,
@@ -20,6 +19,7 @@ from ..method.stats import (
     normalized_mutual_information,
     topk_overlap,
 )
+from ..quant.arch import decoder_layers, get_arch
 
 ROUTED_VARIANTS = ("perft", "perft_e")
 """Variants whose PEFT experts are chosen per token; the others run all of them for every token."""

@@ -13,7 +13,11 @@ arc-c obqa addsub multiarith singleeq gsm8k aqua svamp demo; groups: commonsense
 
 from __future__ import annotations
 
-from ..cli import add_debug_option, error_path, positive_int  # first: quiets bitsandbytes' import-time notice (see cli.py)
+from ..cli import (  # first: quiets bitsandbytes' import-time notice (see cli.py)
+    add_debug_option,
+    error_path,
+    positive_int,
+)
 
 # isort: split
 import argparse
@@ -24,8 +28,8 @@ from dataclasses import dataclass
 from .. import AdapterError, __version__, load_model, read_adapter_config
 from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter
 from ..method.checkpoint import WEIGHTS_NAME, verify_adapter_files, verify_safetensors
-from .predictions import PredictionsError, PredictionStore
 from ..preflight import is_local_path, model_config
+from .predictions import PredictionsError, PredictionStore
 from .prompts import DEFAULT_TEMPLATE, TEMPLATES
 from .protocol import PROTOCOLS, Protocol
 from .summary import Summary, previous_summary, resume_conflicts

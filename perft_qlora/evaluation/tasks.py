@@ -13,9 +13,9 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import extract
 from ..training.demo_data import demo_data_path
 from ..training.records import DataError, read_records
+from . import extract
 
 ANSWER_LETTERS = ("A", "B", "C", "D", "E")
 

@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..quant.arch import decoder_layers, get_arch
+from ..training.model_card import CARD_NAME
 from .config import PerftConfig
 from .model import attach_perft, detach_perft, iter_perft_blocks
-from ..training.model_card import CARD_NAME
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from ..quant.arch import decoder_layers, get_arch
+from ..quant.memory import count_values
+from ..quant.quant_guard import disable_cpu_weight_repacking
 from .config import PerftConfig
 from .layer import PerftMoEBlock
 from .losses import BalanceLossHook
-from ..quant.memory import count_values
-from ..quant.quant_guard import disable_cpu_weight_repacking
 from .variants import BlockFacts, build_adapter
 
 logger = logging.getLogger(__name__)

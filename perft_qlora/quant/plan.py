@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .arch import ARCHITECTURES, decoder_layers
 from ..method.config import PerftConfig
-from .footprint import Footprint, weight_footprint
 from ..method.variants import BlockFacts, build_adapter
+from .arch import ARCHITECTURES, decoder_layers
+from .footprint import Footprint, weight_footprint
 
 CONFIG_DIR = Path(__file__).parent.parent / "configs"  # perft_qlora/configs
 KNOWN_MODELS = {

@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from ..evaluation.prompts import DEFAULT_TEMPLATE, get_template
 from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter
-from ..quant.arch import decoder_layers, get_arch
 from ..method.checkpoint import AdapterError, adapter_state_dict, load_adapter, read_adapter_config, read_config_json
 from ..method.config import PerftConfig
 from ..method.layer import PerftMoEBlock
-from ..quant.loader import load_model
 from ..method.model import ParameterReport, attach_perft, iter_perft_blocks, parameter_report
-from ..evaluation.prompts import DEFAULT_TEMPLATE, get_template
+from ..quant.arch import decoder_layers, get_arch
+from ..quant.loader import load_model
 
 BASE = "base"
 """Name of the base model's column; no adapter may take it."""

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .demo_base import MANIFEST, demo_base_dir
-from .demo_data import demo_data_path
 from ..evaluation.generate import generate_batch
 from ..evaluation.protocol import PROTOCOLS, scored_response
-from .records import read_records
 from ..evaluation.tasks import TASKS
+from .demo_base import MANIFEST, demo_base_dir
+from .demo_data import demo_data_path
+from .records import read_records
 
 VARIANT_LABELS = {"perft": "PERFT", "perft_e": "PERFT-E", "perft_d": "PERFT-D", "perft_s": "PERFT-S", "lora": "LoRA"}
 GREEDY = PROTOCOLS["perft"].with_beams(1)

@@ -29,16 +29,16 @@ import torch
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..method.model import attach_perft, parameter_report
+from ..preflight import check_output_dir, check_perft_config, model_config
 from ..quant.arch import get_arch
+from ..quant.loader import load_model
+from ..quant.memory import memory_report
 from .backends import get_backend
 from .baseline import attach_lora_baseline
 from .data import count_truncated, split_validation, to_prompt_completion
 from .demo import prepare_demo_base, run_demo
 from .distributed import is_main_process, main_process_first, prepare_ranks
-from ..quant.loader import load_model
-from ..quant.memory import memory_report
-from ..method.model import attach_perft, parameter_report
-from ..preflight import check_output_dir, check_perft_config, model_config
 from .records import read_records
 from .train_options import parse_args, perft_config_from_args, sft_config_from_args
 from .trainer import PerftSFTTrainer
