@@ -23,9 +23,9 @@ from perft_qlora.method.stats import (
     imbalance,
     normalized_entropy,
     normalized_mutual_information,
-    routing_log,
     routing_stats,
 )
+from perft_qlora.training.distributed import routing_log  # the trainer's logs
 from perft_qlora.training.tiny import save_tiny_model
 
 N = 8  # tiny OLMoE experts; hidden 64, intermediate 64, 2 layers

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from perft_qlora import PerftConfig, attach_perft, iter_perft_blocks, perft_balance_loss, routing_stats
 from perft_qlora.method.routing import Routing
-from perft_qlora.method.stats import routing_log
+from perft_qlora.training.distributed import routing_log  # what the trainer logs
 
 
 def switch_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Routing statistics in one place: expert load shares, balance (imbalance, entropy), agreement of two routers.
 
-Used by the trainer's logs (:func:`routing_log`, from the latest micro-batch), by :func:`routing_stats`
-and by ``python -m perft_qlora.analyze`` (the routing of real tokens). Functions take plain tensors of
+Used by the trainer's logs (:func:`balance_log` of the shares ``training.distributed.routing_log`` sums over
+ranks), by :func:`routing_stats` and by ``python -m perft_qlora.analyze`` (the routing of real tokens). Functions take plain tensors of
 expert ids and return floats or lists, so every figure they make can go to JSON as it is.
 """
 
@@ -90,14 +90,11 @@ def routing_stats(model) -> dict[int, dict[str, list[float] | float]]:
     return stats
 
 
-def routing_log(model) -> dict[str, float]:
+def balance_log(shares_by_layer: dict[int, list[float]]) -> dict[str, float]:
     """Per layer: ``routing/L{i}_imbalance`` (:func:`imbalance`) and ``routing/L{i}_entropy``
-    (:func:`normalized_entropy`) of the PEFT-expert shares, from the latest micro-batch of every rank (counts
-    summed over ranks: under data parallel every rank must call this)."""
-    from ..training.distributed import expert_fractions  # collective over ranks; a no-op sum in one process
-
+    (:func:`normalized_entropy`) of the PEFT-expert shares ``{layer: [M]}``; layers with one expert are left out."""
     logs = {}
-    for layer, shares in expert_fractions(model).items():
+    for layer, shares in shares_by_layer.items():
         if len(shares) < 2:
             continue
         logs[f"routing/L{layer}_imbalance"] = imbalance(shares)

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..method.model import iter_perft_blocks
+from ..method.stats import balance_log
 
 # Options that may differ between ranks without changing what is trained.
 RANK_LOCAL_OPTIONS = ("device",)
@@ -164,6 +165,12 @@ def main_process_first():
     yield
     if parallel and is_main_process():
         dist.barrier()
+
+
+def routing_log(model) -> dict[str, float]:
+    """The trainer's ``routing/L{i}_imbalance`` / ``_entropy`` logs of the latest micro-batch, with the expert
+    counts of every rank summed (a collective: every rank must call it; one process: its own counts)."""
+    return balance_log(expert_fractions(model))
 
 
 def expert_fractions(model) -> dict[int, list[float]]:

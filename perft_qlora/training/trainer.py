@@ -29,8 +29,8 @@ from ..kernels import backend_choices
 from ..method.checkpoint import load_adapter, save_adapter
 from ..method.losses import perft_balance_loss
 from ..method.model import balance_loss_coef, parameter_report
-from ..method.stats import routing_log
 from ..quant.memory import peak_memory_bytes
+from .distributed import routing_log
 from .model_card import CARD_NAME, render_model_card
 from .progress import REPLACES, TrainingProgress
 
