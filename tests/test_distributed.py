@@ -29,7 +29,12 @@ from perft_qlora.training.train_options import parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DDP_CONFIG = os.path.join(REPO, "examples", "accelerate", "ddp.yaml")
+FSDP_CONFIG = os.path.join(REPO, "examples", "accelerate", "fsdp.yaml")
+FSDP_ON_CPU = os.path.join(REPO, "tests", "fsdp_on_cpu.py")  # accelerate's FSDP2 on CPU processes (see its docstring)
 STEPS = 4
+# One adapter and optimizer (rank 0), one RNG state per rank, nothing left over from a second writer.
+CHECKPOINT_FILES = {"README.md", "adapter_config.json", WEIGHTS_NAME, "optimizer.pt", "scheduler.pt", "trainer_state.json",
+                    "rng_state_0.pth", "rng_state_1.pth"}
 
 
 def equal_length_rows(path) -> str:
@@ -68,14 +73,16 @@ def common(data: str, out, *extra) -> list[str]:
     ]
 
 
-def launch(options: list[str]) -> str:
+def launch(options: list[str], config: str = DDP_CONFIG, target: tuple[str, ...] = ("-m", "perft_qlora.train"),
+           env: dict | None = None) -> str:
     """Run ``perft_qlora.training.train`` in 2 processes; returns stdout + stderr. A free port: tests may run side by side."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", DDP_CONFIG, "--num_processes", "2",
-               "--main_process_port", str(port), "-m", "perft_qlora.train", *options]
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
+               "--main_process_port", str(port), *target, *options]
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+           **(env or {})}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
@@ -156,9 +163,7 @@ def test_only_rank_0_writes_checkpoints_and_log_lines(ddp_perft):
     assert sorted(os.listdir(out)) == [".perft-qlora-demo", "README.md", "adapter", "base", "checkpoint-2", f"checkpoint-{STEPS}"]
     for step in (2, STEPS):
         files = set(os.listdir(out / f"checkpoint-{step}"))
-        # one adapter and optimizer (rank 0), one RNG state per rank, nothing left over from a second writer
-        assert files == {"README.md", "adapter_config.json", WEIGHTS_NAME, "optimizer.pt", "scheduler.pt", "trainer_state.json",
-                         "rng_state_0.pth", "rng_state_1.pth"}, files
+        assert files == CHECKPOINT_FILES, files
     assert output.count("done  step") == 1  # the console's training summary: rank 0 only
     assert output.count("adapter saved to") == 1  # and train.py's own lines
 
@@ -190,6 +195,82 @@ def test_ddp_equals_one_process_with_the_same_global_batch(data, tmp_path):
     # demo base all but one of 65,536 values agreed within 3.4e-6 (values up to ~2), that one by 9e-5.
     assert_same_adapter(adapter(tmp_path / "ddp" / "adapter"), adapter(tmp_path / "one" / "adapter"), atol=2e-5,
                         stragglers=1)
+
+
+# ---- sharded (FSDP2): accelerate's plugin through the Trainer, on CPU processes (tests/fsdp_on_cpu.py) ------------
+
+
+def fsdp_options(data: str, out) -> list[str]:
+    """As ``common``, plus held-out rows: evaluation and loading the best checkpoint run under FSDP too."""
+    return common(data, out, "--val-size", "8", "--eval-steps", "2")
+
+
+@pytest.fixture(scope="module")
+def fsdp_perft(tmp_path_factory, data):
+    """PERFT (both balance losses on) under FSDP2 in 2 processes, global batch 4, with each rank's shard report."""
+    out = tmp_path_factory.mktemp("fsdp-perft")
+    report = out.parent / (out.name + "-shards")
+    output = launch(fsdp_options(data, out), config=FSDP_CONFIG, target=(FSDP_ON_CPU,),
+                    env={"PERFT_QLORA_SHARD_REPORT": str(report)})
+    return out, output, report
+
+
+@pytest.mark.slow
+def test_fsdp_shards_the_nf4_experts_the_nf4_linears_and_the_adapters(fsdp_perft):
+    _, _, report = fsdp_perft
+    for rank in (0, 1):
+        with open(report / f"rank{rank}.json") as handle:
+            shards = json.load(handle)
+        dtypes = {"nf4_experts": "torch.uint8", "nf4_linear": "torch.bfloat16", "adapter": "torch.float32"}
+        for kind, dtype in dtypes.items():  # bitsandbytes' linears: their bytes viewed as bf16 (quant/sharding.py)
+            tensor = shards[kind]
+            assert tensor["type"] == "DTensor" and tensor["dtype"] == dtype, (rank, kind, tensor)
+            assert tensor["local"][0] * 2 == tensor["whole"][0] and tensor["local"][1:] == tensor["whole"][1:], (rank, kind)
+
+
+@pytest.mark.slow
+def test_fsdp_equals_one_process_accumulating_the_same_micro_batches(fsdp_perft, data, tmp_path):
+    out, _, _ = fsdp_perft
+    single = run(parse_args(fsdp_options(data, tmp_path) + ["--grad-accum", "2"]))
+    # 3.9e-6 measured (values up to ~2): the reduce-scatter sums the two ranks' gradients in another order.
+    assert_same_adapter(adapter(out / "adapter"), adapter(tmp_path / "adapter"), atol=2e-5)
+    got, expected = launched_logs(out), train_logs(single.state.log_history)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in got:
+        for key in ("loss", "grad_norm", "aux_loss", "perft_aux_loss"):
+            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-5), (step, key)
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_are_whole_tensors_written_once(fsdp_perft, tiny_checkpoint):
+    """The files one process writes (not the Trainer's sharded whole-model checkpoint), of whole tensors."""
+    from perft_qlora.method.checkpoint import adapter_parameters, load_adapter
+    from perft_qlora.quant.loader import load_model
+
+    out, output, _ = fsdp_perft
+    assert sorted(os.listdir(out)) == [".perft-qlora-demo", "README.md", "adapter", "base", "checkpoint-2", f"checkpoint-{STEPS}"]
+    for step in (2, STEPS):
+        assert set(os.listdir(out / f"checkpoint-{step}")) == CHECKPOINT_FILES
+    model, _ = load_model(str(out / "base"), device="cpu", dtype=torch.float32, progress=False)
+    load_adapter(model, str(out / f"checkpoint-{STEPS}"))  # one process, no FSDP: whole tensors load as they are
+    params = adapter_parameters(model)
+    optimizer = torch.load(out / f"checkpoint-{STEPS}" / "optimizer.pt", weights_only=True)
+    assert len(optimizer["state"]) == len(params)  # the adapter's state only, each of its whole shape
+    assert sorted(p.shape for p in params.values()) == sorted(s["exp_avg"].shape for s in optimizer["state"].values())
+    assert output.count("done  step") == 1 and output.count("adapter saved to") == 1
+    assert output.count("demo task, 40 held-out rows") == 1  # the before/after table: rank 0 only
+    assert "Params4bit" not in output  # accelerate's warning when it leaves 4-bit linears unsharded
+
+
+@pytest.mark.slow
+def test_resume_under_fsdp_reproduces_the_uninterrupted_run(fsdp_perft, data, tmp_path):
+    out, _, _ = fsdp_perft
+    shutil.copytree(out / "checkpoint-2", tmp_path / "checkpoint-2")
+    launch(fsdp_options(data, tmp_path) + ["--resume"], config=FSDP_CONFIG, target=(FSDP_ON_CPU,))
+    assert_same_adapter(adapter(tmp_path / "adapter"), adapter(out / "adapter"), atol=1e-7)
+    got, expected = launched_logs(tmp_path), launched_logs(out)
+    for step in (3, 4):
+        assert got[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-6)
 
 
 # ---- rank-aware device choice and launch checks, with a faked multi-GPU environment --------------------------
@@ -302,111 +383,56 @@ def test_expert_fractions_in_one_process_are_the_routing_stats(tiny_nf4, token_b
         assert fractions[layer] == pytest.approx(stats["expert_fraction"])
 
 
-# ---- FSDP2 on CPU: what runs without accelerate (its FSDP plugin needs GPUs) ----------------------------------
-#
-# `python -m torch.distributed.run --nproc_per_node 2 tests/test_distributed.py BASE OUT` runs `fsdp_worker`:
-# `fully_shard` per decoder layer and on the root, as accelerate's FSDP2 plugin applies it. Sharded: the NF4
-# experts' storage (`NF4Weight.storage_as_parameters`: uint8 frozen parameters, which FSDP2 accepts as they are,
-# no float view needed), the float32 adapters and the unquantized weights. Replicated: bitsandbytes' uint8
-# `Params4bit` of the attention linears (`ignored_params`, as accelerate does: sharding drops their quant_state).
+def test_shardable_storage_keeps_keys_bytes_and_outputs(tiny_nf4, token_batch):
+    import bitsandbytes as bnb
 
+    from perft_qlora.quant.sharding import shardable_storage
 
-def fsdp_reference_setup(base: str):
-    """The tiny model in float32 with a PERFT adapter (no dropout, no balance loss), and a batch of 4 rows."""
-    from perft_qlora import PerftConfig, attach_perft, load_model
-
-    model, _ = load_model(base, device="cpu", dtype=torch.float32, progress=False)
-    torch.manual_seed(0)
-    config = PerftConfig(variant="perft", num_experts=4, top_k=2, bottleneck=4, dropout=0.0, router_aux_loss_coef=0.0)
-    attach_perft(model, config, dtype=torch.float32)
-    model.activation_checkpointing_enable()
-    model.train()
-    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
-    return model, ids
-
-
-def train_two_steps(model, ids):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-
-def fsdp_worker(base: str, out: str) -> None:
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-
-    from perft_qlora.method.checkpoint import adapter_state_dict
-
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    model, ids = fsdp_reference_setup(base)
-    experts = model.model.layers[0].mlp.base.experts
-    packed = experts.gate_up_proj.packed.clone()  # (E*out*in/2, 1) uint8
-    for module in model.modules():
-        if isinstance(module, NF4Weight):
-            module.storage_as_parameters()  # FSDP2 shards parameters only
-    ignored = {p for p in model.parameters() if type(p).__name__ == "Params4bit"}
-    for layer in model.model.layers:
-        fully_shard(layer, ignored_params=ignored)
-    fully_shard(model, ignored_params=ignored)
-    train_two_steps(model, ids[2 * rank : 2 * rank + 2])  # each rank: its half of the global batch
-    down = model.model.layers[0].mlp.perft_experts.down
-    report = {
-        "down_local_shape": list(down.to_local().shape),
-        "packed_local_rows": experts.gate_up_proj.packed.to_local().shape[0] / packed.shape[0],
-        "nf4_unchanged": torch.equal(experts.gate_up_proj.packed.full_tensor(), packed),
-    }
-    full = {k: v.full_tensor() for k, v in adapter_state_dict(model).items()}  # collective: every rank
-    if rank == 0:
-        torch.save({"report": report, "adapter": full}, out)
-    dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_fsdp2_shards_adapters_and_matches_one_process_on_cpu(tiny_checkpoint, tmp_path):
-    """2 gloo ranks under FSDP2 (NF4 experts + adapters sharded, activation checkpointing) == 1 process, batch 4."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base, out = tiny_checkpoint("olmoe"), tmp_path / "fsdp.pt"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               os.path.abspath(__file__), base, str(out)]
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    result = torch.load(out)
-    # each rank holds 2 of the 4 PEFT experts and half of the NF4 expert storage; the storage is not modified
-    assert result["report"] == {"down_local_shape": [2, 4, 64], "packed_local_rows": 0.5, "nf4_unchanged": True}
-    model, ids = fsdp_reference_setup(base)
-    train_two_steps(model, ids)
-    from perft_qlora.method.checkpoint import adapter_state_dict
-
-    assert_same_adapter(result["adapter"], adapter_state_dict(model), atol=1e-6)
-
-
-def test_nf4_storage_as_parameters_keeps_keys_values_and_outputs(tiny_nf4, token_batch):
     model, _ = tiny_nf4("olmoe")
     ids, mask = token_batch
     with torch.no_grad():
-        before, keys = model(input_ids=ids, attention_mask=mask).logits, set(model.state_dict())
+        before, state = model(input_ids=ids, attention_mask=mask).logits, dict(model.state_dict())
+    counts = shardable_storage(model)
     weights = [m for m in model.modules() if isinstance(m, NF4Weight)]
-    for weight in weights:
-        weight.storage_as_parameters()
-    assert set(model.state_dict()) == keys
-    assert all(set(dict(w.named_parameters())) == {"packed", "absmax"} for w in weights)
-    assert not any(p.requires_grad for w in weights for p in w.parameters())
+    linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert counts == {"nf4_experts": len(weights), "linear4bit": len(linears)} and weights and linears
+    after = model.state_dict()
+    assert after.keys() == state.keys()
+    for key, value in after.items():  # the same bytes: NF4 linears' only viewed two at a time
+        assert torch.equal(value.reshape(-1).view(torch.uint8), state[key].reshape(-1).view(torch.uint8)), key
+    assert all(set(dict(w.named_parameters())) == {"packed", "absmax"} for w in weights)  # what FSDP2 shards
+    assert all(m.weight.dtype == torch.bfloat16 and isinstance(m.weight, bnb.nn.Params4bit) for m in linears)
+    assert not any(p.requires_grad for p in model.parameters())
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before)
 
 
-def test_fsdp_launch_is_refused_with_the_reason(monkeypatch):
+def test_float_scales_stay_replicated_buffers():
+    """Without double quantization ``absmax`` is float32, which FSDP's mixed precision would cast to bf16."""
+    weight = NF4Weight.quantize(torch.randn(2, 64, 128), double_quant=False).storage_as_parameters()
+    assert set(dict(weight.named_parameters())) == {"packed"} and weight.absmax.dtype == torch.float32
+    assert "absmax" in dict(weight.named_buffers())
+
+
+@pytest.mark.parametrize(("env", "extra", "message"), [
+    ({"FSDP_VERSION": "1"}, [], "^error: FSDP version 1 is not supported, only FSDP2"),
+    ({}, ["--variant", "lora"], "^error: --variant lora is not supported under FSDP"),
+    ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, [], "^error: fsdp_activation_checkpointing and --gradient-checkpointing"),
+    ({"FSDP_OFFLOAD_PARAMS": "true"}, [], "^error: fsdp_offload_params is not supported"),
+])
+def test_what_fsdp_cannot_run_fails_with_one_line(monkeypatch, env, extra, message):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    args = parse_args(["--model", "m", "--data", "d.json"])
-    with pytest.raises(SystemExit, match="^error: FSDP is not supported yet: .*uint8 buffers"):
-        distributed.check_engine(args)
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit, match=message):
+        distributed.check_engine(parse_args(["--model", "m", "--data", "d.json", *extra]))
 
 
-if __name__ == "__main__":
-    fsdp_worker(*sys.argv[1:3])
+def test_fsdp_loads_into_host_memory_and_accepts_perft(monkeypatch):
+    args = parse_args(["--model", "m", "--data", "d.json", "--device", "cuda:0"])
+    assert distributed.load_device("cuda:0") == "cuda:0"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    distributed.check_engine(args)  # FSDP2 + PERFT + our activation checkpointing: accepted
+    assert distributed.load_device("cuda:0") == "cpu"  # fully_shard then moves each rank's shard to its GPU

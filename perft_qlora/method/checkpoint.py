@@ -13,6 +13,7 @@ import tempfile
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .. import __version__
 from ..quant.arch import decoder_layers, get_arch
@@ -29,14 +30,27 @@ class AdapterError(ValueError):
     """An adapter directory that cannot be used with this model."""
 
 
-def adapter_state_dict(model) -> dict[str, torch.Tensor]:
-    """Adapter and PERFT-router tensors, keyed ``layers.{i}.perft_{router,experts}.{name}``."""
-    state = {}
+def adapter_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """Adapter and PERFT-router parameters as they live in the model (sharded DTensors under FSDP), keyed
+    ``layers.{i}.perft_{router,experts}.{name}``."""
+    params = {}
     for i, block in iter_perft_blocks(model):
         for prefix, module in (("perft_router", block.perft_router), ("perft_experts", block.perft_experts)):
             for name, param in module.named_parameters():
-                state[f"layers.{i}.{prefix}.{name}"] = param.detach()
-    return state
+                params[f"layers.{i}.{prefix}.{name}"] = param
+    return params
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """Adapter and PERFT-router tensors, whole (keys as :func:`adapter_parameters`).
+
+    Under FSDP each rank holds a shard of every tensor: this gathers them, so every rank must call it.
+    """
+    return {key: _whole(param.detach()) for key, param in adapter_parameters(model).items()}
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _adapter_metadata(model) -> dict:
@@ -56,10 +70,13 @@ def _adapter_metadata(model) -> dict:
     }
 
 
-def save_adapter(model, directory: str, extra_metadata: dict | None = None, model_card: str | None = None) -> str:
+def save_adapter(model, directory: str, extra_metadata: dict | None = None, model_card: str | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> str:
     """Write the attached adapter to ``directory`` atomically; returns the directory.
 
-    ``model_card`` (markdown) is written as ``README.md`` beside it. An existing ``directory`` is replaced as a
+    ``model_card`` (markdown) is written as ``README.md`` beside it. ``state``: the tensors to write, when the
+    caller gathered them already (:func:`adapter_state_dict` on every rank of a sharded model, then one rank
+    writes); by default the model's own. An existing ``directory`` is replaced as a
     whole, so it may hold only a previous adapter's files (the two files and its README.md).
     """
     if getattr(model, "perft_config", None) is None:
@@ -79,7 +96,7 @@ def save_adapter(model, directory: str, extra_metadata: dict | None = None, mode
         metadata["extra"] = extra_metadata
     staging = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
     try:
-        state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+        state = {k: v.contiguous().cpu() for k, v in (state if state is not None else adapter_state_dict(model)).items()}
         save_file(state, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(staging, CONFIG_NAME), "w") as f:
             json.dump(metadata, f, indent=2)
@@ -216,7 +233,7 @@ def _copy_weights(model, state: dict[str, torch.Tensor], metadata: dict, weights
     layers = [i for i, _ in iter_perft_blocks(model)]
     if layers != metadata.get("layers"):
         raise AdapterError(f"adapter {weights_path} covers layers {metadata.get('layers')}, the model has {layers}")
-    current = adapter_state_dict(model)
+    current = adapter_parameters(model)
     missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
     if missing or unexpected:
         raise AdapterError(f"{weights_path} does not match: missing {missing[:4]}, unexpected {unexpected[:4]}")
@@ -225,4 +242,13 @@ def _copy_weights(model, state: dict[str, torch.Tensor], metadata: dict, weights
             raise AdapterError(f"{key} has shape {tuple(state[key].shape)} in {weights_path}, expected {tuple(param.shape)}")
     with torch.no_grad():
         for key, param in current.items():
-            param.copy_(state[key])
+            _assign(param, state[key])
+
+
+def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter; a sharded (FSDP, DTensor) one takes only its own shard."""
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(value.to_local())
+    else:
+        param.copy_(value)

@@ -26,7 +26,8 @@ class LoRAExperts(nn.Module):
 
     @property
     def params_per_expert(self) -> int:
-        return self.down[0].numel() + self.up[0].numel()
+        # From the shapes: under FSDP the parameters are sharded DTensors, and indexing one is a collective.
+        return self.down.shape[1:].numel() + self.up.shape[1:].numel()
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """(T, D) tokens, (T, K) weights and ids -> (T, D) weighted sum of the chosen experts."""

@@ -85,15 +85,17 @@ class NF4Weight(nn.Module):
         return cls.from_experts(iter(weight), double_quant=double_quant, blocksize=blocksize)
 
     def storage_as_parameters(self) -> NF4Weight:
-        """Re-register ``packed`` and ``absmax`` as frozen uint8 (or float32) parameters; returns self.
+        """Re-register the integer storage (``packed``, and ``absmax`` when double-quantized) as frozen uint8
+        parameters; returns self.
 
         FSDP2 (``fully_shard``) shards parameters, not buffers: after this call it splits the 4-bit storage
         along dim 0 across the ranks and all-gathers it around each forward and backward of the wrapping
-        module. Names and state-dict keys stay the same; the small tensors (code books, nested scales) stay
-        replicated buffers.
+        module. uint8 is never cast by FSDP's mixed precision (it casts floating parameters only), so the bytes
+        arrive intact. A float32 ``absmax`` (no double quantization) stays a replicated buffer for that reason,
+        as do the small tensors (code books, nested scales). Names and state-dict keys stay the same.
         """
         for name in ("packed", "absmax"):
-            if name in self._buffers:
+            if name in self._buffers and not self._buffers[name].is_floating_point():
                 self._parameters[name] = nn.Parameter(self._buffers.pop(name), requires_grad=False)
         return self
 

@@ -25,7 +25,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from ..evaluation.prompts import DEFAULT_TEMPLATE, get_template
 from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter
-from ..method.checkpoint import AdapterError, adapter_state_dict, load_adapter, read_adapter_config, read_config_json
+from ..method.checkpoint import AdapterError, adapter_parameters, adapter_state_dict, load_adapter, read_adapter_config, read_config_json
 from ..method.config import PerftConfig
 from ..method.layer import PerftMoEBlock
 from ..method.model import ParameterReport, attach_perft, iter_perft_blocks, parameter_report
@@ -315,7 +315,7 @@ class ChatModel:
             dtype = next(iter(entry.state.values())).dtype  # as load_adapter attached it (bf16 or fp32 masters)
             attach_perft(self.model, entry.config, dtype=dtype)
             with torch.no_grad():
-                for key, param in adapter_state_dict(self.model).items():
+                for key, param in adapter_parameters(self.model).items():
                     param.copy_(entry.state[key])
             self.active = name
 

@@ -22,6 +22,7 @@ from ..evaluation.protocol import PROTOCOLS, scored_response
 from ..evaluation.tasks import TASKS
 from .demo_base import MANIFEST, demo_base_dir
 from .demo_data import demo_data_path
+from .distributed import is_main_process
 from .records import read_records
 
 VARIANT_LABELS = {"perft": "PERFT", "perft_e": "PERFT-E", "perft_d": "PERFT-D", "perft_s": "PERFT-S", "lora": "LoRA"}
@@ -108,5 +109,6 @@ def run_demo(args, train) -> DemoReport:
     base_accuracy, _ = held_out_accuracy(base, tokenizer, rows)
     report = DemoReport(base_accuracy, adapter_accuracy, len(rows), trainable, time.perf_counter() - start,
                         args.model, os.path.join(args.output_dir, "adapter"), args.variant)
-    print("\n" + report.table() + "\n\n" + report.next_commands(args.output_dir), file=sys.stderr)
+    if is_main_process():  # every rank runs this under accelerate launch
+        print("\n" + report.table() + "\n\n" + report.next_commands(args.output_dir), file=sys.stderr)
     return report

@@ -15,6 +15,12 @@ What runs where under data parallel (``accelerate launch --multi_gpu --num_proce
   ``routing/L{i}_*`` are computed from expert counts summed over the ranks' latest micro-batches;
 - only rank 0 writes checkpoints, the adapter and the log lines; each rank writes its own RNG state
   (``rng_state_{rank}.pth``) into the checkpoint, as the Trainer does.
+
+Sharded (``accelerate launch --config_file examples/accelerate/fsdp.yaml``, FSDP2): the same averages, with the
+gradients reduce-scattered instead of all-reduced. Each rank loads the NF4 model into host memory (``load_device``),
+:func:`~perft_qlora.quant.sharding.shardable_storage` turns the 4-bit storage into parameters, and accelerate's
+``fully_shard`` (one unit per decoder layer) moves each rank's 1/N of every layer to its GPU. Checkpoints hold
+whole tensors (adapter, optimizer state), gathered from the shards: the same files one process writes.
 """
 
 from __future__ import annotations
@@ -93,15 +99,36 @@ def check_engine(args: argparse.Namespace) -> None:
     """Refuse options that cannot run under the engine ``accelerate launch`` chose (read from its env vars)."""
     engine = launch_engine()
     if engine == "fsdp":
-        raise SystemExit(
-            "error: FSDP is not supported yet: the NF4 weights are uint8 buffers (NF4Weight) and uint8 Params4bit, "
-            "which FSDP leaves replicated on every rank, and adapter checkpoints do not handle sharded (DTensor) "
-            "parameters; launch with --config_file examples/accelerate/ddp.yaml (every rank holds the whole NF4 model)"
-        )
+        check_fsdp(args)
     if engine == "deepspeed":
-        raise SystemExit("error: DeepSpeed is not supported; launch with --config_file examples/accelerate/ddp.yaml")
+        raise SystemExit("error: DeepSpeed is not supported; launch with --config_file examples/accelerate/ddp.yaml "
+                         "(or fsdp.yaml to shard the model)")
     if world_size() > 1 and args.backend == "unsloth":
         raise SystemExit("error: --backend unsloth runs in one process only; drop it or launch a single process")
+
+
+def check_fsdp(args: argparse.Namespace) -> None:
+    """What the FSDP path supports: FSDP2, PERFT variants, our activation checkpointing, parameters on the GPU."""
+    env = os.environ.get
+    fix = "; see examples/accelerate/fsdp.yaml"
+    if env("FSDP_VERSION", "1") != "2":
+        raise SystemExit(f"error: FSDP version {env('FSDP_VERSION', '1')} is not supported, only FSDP2: set "
+                         f"fsdp_version: 2 in the accelerate config{fix}")
+    if args.variant == "lora":
+        raise SystemExit("error: --variant lora is not supported under FSDP (its peft checkpoints would gather the "
+                         "whole 4-bit model); train it data parallel (examples/accelerate/ddp.yaml) or on one GPU")
+    if env("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true" and args.gradient_checkpointing:
+        raise SystemExit("error: fsdp_activation_checkpointing and --gradient-checkpointing both recompute layers: "
+                         f"set fsdp_activation_checkpointing: false (train's --gradient-checkpointing does it){fix}")
+    if env("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
+        raise SystemExit(f"error: fsdp_offload_params is not supported (untested with the NF4 storage): set it to "
+                         f"false{fix}")
+
+
+def load_device(device: str) -> str:
+    """Where this rank loads the model: its GPU, except under FSDP, where the whole model stays in host memory
+    until ``fully_shard`` moves each rank's shard of it to the GPU (a model bigger than one card then loads)."""
+    return "cpu" if launch_engine() == "fsdp" else device
 
 
 def launch_engine() -> str:

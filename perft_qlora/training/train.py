@@ -6,6 +6,7 @@
     python -m perft_qlora.train --config run.yaml --learning-rate 2e-5   # the command line overrides the file
     python -m perft_qlora.train --config run.yaml --resume              # continue from the last checkpoint
     accelerate launch --config_file examples/accelerate/ddp.yaml -m perft_qlora.train --config run.yaml  # data parallel
+    accelerate launch --config_file examples/accelerate/fsdp.yaml -m perft_qlora.train --config run.yaml  # sharded
 
 Writes ``<output-dir>/checkpoint-N/`` (adapter + optimizer state) every ``--save-steps`` and the final
 adapter (the best on the held-out rows when there are any) to ``<output-dir>/adapter/``. With ``--demo``
@@ -34,11 +35,12 @@ from ..preflight import check_output_dir, check_perft_config, model_config
 from ..quant.arch import get_arch
 from ..quant.loader import load_model
 from ..quant.memory import memory_report
+from ..quant.sharding import shardable_storage
 from .backends import get_backend
 from .baseline import attach_lora_baseline
 from .data import count_truncated, split_validation, to_prompt_completion
 from .demo import prepare_demo_base, run_demo
-from .distributed import is_main_process, main_process_first, prepare_ranks
+from .distributed import is_main_process, launch_engine, load_device, main_process_first, prepare_ranks
 from .records import read_records
 from .train_options import parse_args, perft_config_from_args, sft_config_from_args
 from .trainer import PerftSFTTrainer
@@ -150,7 +152,7 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None
         say(f"resuming from {resume}")
 
     model, tokenizer = load_model(
-        args.model, quantize=args.quantize, device=args.device, double_quant=args.double_quant, revision=args.revision,
+        args.model, quantize=args.quantize, device=load_device(args.device), double_quant=args.double_quant, revision=args.revision,
         dtype=getattr(torch, args.base_dtype),
     )
     arch = get_arch(model.config)
@@ -160,6 +162,8 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None
               "tokens and lose the end of their response; raise --max-length")
     model = attach_adapter(model, args)
     say(memory_report(model))
+    if launch_engine() == "fsdp":
+        shardable_storage(model)  # the 4-bit storage as parameters, which FSDP2 shards (quant/sharding.py)
     say(f"{args.variant}: {parameter_report(model)}")
 
     run_metadata = {

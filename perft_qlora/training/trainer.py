@@ -9,7 +9,8 @@ What it adds to ``SFTTrainer``, and nothing else:
 - tokens/s, peak memory and per-layer PERFT routing statistics at every logging step;
 - checkpoints that hold the adapter only (``adapter_config.json`` + ``adapter_model.safetensors``, written
   by :func:`save_adapter`), plus the optimizer, scheduler and RNG state the Trainer adds; resuming and
-  best-checkpoint selection load them back with :func:`load_adapter`.
+  best-checkpoint selection load them back with :func:`load_adapter`. Under FSDP the same files, of whole
+  tensors gathered from the shards (the Trainer would otherwise write the whole sharded model).
 
 Why the Trainer accepts the 4-bit model: transformers refuses "purely quantized" models only when
 ``model.is_quantized`` is set, which its own ``HfQuantizer`` loading does. ``load_model`` quantizes with
@@ -23,10 +24,13 @@ from __future__ import annotations
 import os
 import time
 
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from trl import SFTTrainer
 
 from ..kernels import backend_choices
-from ..method.checkpoint import load_adapter, save_adapter
+from ..method.checkpoint import adapter_state_dict, load_adapter, save_adapter
 from ..method.losses import perft_balance_loss
 from ..method.model import balance_loss_coef, parameter_report
 from ..quant.memory import peak_memory_bytes
@@ -40,6 +44,11 @@ def _perft_model(model):
     while hasattr(model, "module"):
         model = model.module
     return model if getattr(model, "perft_config", None) is not None else None
+
+
+def _torch_optimizer(optimizer):
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def peak_memory_gib() -> dict[str, float]:
@@ -106,18 +115,52 @@ class PerftSFTTrainer(SFTTrainer):
                 logs.update(routing_log(perft))
         super().log(logs, start_time)
 
-    # ---- checkpoints ------------------------------------------------------------------------------
+    # ---- checkpoints ----------------------------------------------------------------------------------
+    def _sharded_perft(self):
+        """The PERFT model when FSDP shards it (adapter-only checkpoints of whole tensors), else None."""
+        return _perft_model(self.model) if self.is_fsdp_enabled else None
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if self._sharded_perft() is None:
+            return super().save_model(output_dir, _internal_call)
+        # The Trainer's FSDP branch would gather the whole model, 4-bit storage included, onto rank 0.
+        self._save(output_dir or self.args.output_dir)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         perft = _perft_model(self.model)
         if perft is None:  # the peft LoRA baseline: the Trainer saves peft's adapter files itself
             return super()._save(output_dir, state_dict)
+        state = adapter_state_dict(perft)  # every rank: under FSDP this gathers the shards
         if self.args.should_save:
             directory = output_dir or self.args.output_dir
             metadata = self._training_metadata()
             card = render_model_card(metadata, perft.perft_config.to_dict(), parameter_report(perft), directory)
-            save_adapter(perft, directory, extra_metadata={"training": metadata}, model_card=card)
+            save_adapter(perft, directory, extra_metadata={"training": metadata}, model_card=card, state=state)
         # save_adapter replaces the directory as a whole: other ranks write their RNG state into it only after.
         self.accelerator.wait_for_everyone()
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self._sharded_perft() is None:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # Instead of the Trainer's FSDP checkpoint (the whole model's shards): the adapter's optimizer state,
+        # gathered whole (it is small), one file as one process writes it; keys are parameter names.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_optimizer_state_dict(self.model, _torch_optimizer(self.optimizer), options=options)
+        if self.args.should_save:
+            torch.save(state, os.path.join(output_dir, OPTIMIZER_NAME))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or self._sharded_perft() is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        paths = [os.path.join(checkpoint, name) for name in (OPTIMIZER_NAME, SCHEDULER_NAME)]
+        if not all(os.path.isfile(path) for path in paths):
+            return
+        state, scheduler = (torch.load(path, map_location="cpu", weights_only=True) for path in paths)
+        # Every rank reads the (small) file and keeps its own shard of each state tensor.
+        set_optimizer_state_dict(self.model, _torch_optimizer(self.optimizer), state,
+                                 options=StateDictOptions(full_state_dict=True))
+        self.lr_scheduler.load_state_dict(scheduler)
 
     # ---- model card -------------------------------------------------------------------------------
     def _training_metadata(self) -> dict:
