@@ -33,6 +33,12 @@ def _fsdp_on_cpu(self, *args, **kwargs):
         self.fsdp_plugin = plugin
 
 
+def _describe(tensor) -> dict:
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return {"type": type(tensor).__name__, "dtype": str(tensor.dtype), "local": list(local.shape),
+            "whole": list(tensor.shape), "device": str(local.device)}
+
+
 class ShardReport(TrainerCallback):
     """After step 1: each rank's view of the sharded model (see the module docstring)."""
 
@@ -48,11 +54,7 @@ class ShardReport(TrainerCallback):
             "nf4_linear": layer.self_attn.q_proj.weight,
             "adapter": layer.mlp.perft_experts.down,
         }
-        report = {
-            name: {"type": type(t).__name__, "dtype": str(t.dtype), "local": list(getattr(t, "to_local", lambda: t)().shape),
-                   "whole": list(t.shape), "device": str(getattr(t, "to_local", lambda: t)().device)}
-            for name, t in tensors.items()
-        }
+        report = {name: _describe(tensor) for name, tensor in tensors.items()}
         os.makedirs(self.directory, exist_ok=True)
         with open(os.path.join(self.directory, f"rank{os.environ['RANK']}.json"), "w") as handle:
             json.dump(report, handle)

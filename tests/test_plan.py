@@ -10,6 +10,7 @@ from perft_qlora import PerftConfig, attach_perft, load_model, memory_report
 from perft_qlora.bench.random_checkpoint import write_random_checkpoint
 from perft_qlora.quant.footprint import weight_footprint
 from perft_qlora.quant.plan import KNOWN_MODELS, activation_bytes, main, make_plan, moe_facts, read_config
+from perft_qlora.quant.sharding import shardable_storage
 from perft_qlora.training.tiny import tiny_config
 
 LOADABLE = ("olmoe", "mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "glm4_moe")
@@ -32,6 +33,11 @@ def test_weight_bytes_equal_what_load_model_allocates(tmp_path, family, double_q
     assert planned.total == report.total
     assert sum(planned.nf4.values()) == sum(report.nf4.values())
     assert planned.nf4["experts"] == report.nf4["experts"]
+    # Under FSDP2: parameters are sharded; buffers and the linears' quant state (scales) stay whole on every rank.
+    shardable_storage(model)
+    sharded = sum(p.numel() * p.element_size() for p in model.parameters())
+    whole = sum(b.numel() * b.element_size() for b in model.buffers()) + report.scales["linear"]
+    assert (planned.total - planned.replicated, planned.replicated) == (sharded, whole)
 
 
 @pytest.mark.slow
@@ -123,3 +129,16 @@ def test_activation_estimate_is_near_a_measured_cpu_peak(tmp_path, family):
         model(ids, labels=ids).loss.backward()
     estimate = make_plan(family, model.config, perft, batch=4, seq=128, device="cpu").activations
     assert 0.75 < estimate / tracker.peak < 1.35  # measured 0.91-1.13 across families (CPU, this machine)
+
+
+def test_fsdp_plan_divides_what_fsdp_shards(capsys):
+    _, config = read_config("mixtral-8x7b")
+    perft = PerftConfig(variant="perft", num_experts=4, top_k=2)
+    one, two = make_plan("m", config, perft, 16, 256), make_plan("m", config, perft, 16, 256, gpus=2)
+    assert two.shard == -(-(one.weights.total - one.weights.replicated) // 2)
+    layer = one.weights.nf4["experts"] // 32  # the experts dominate a Mixtral layer
+    assert 2 * layer < two.gathered < 2 * layer + 2**30
+    assert two.weights_per_gpu == two.shard + one.weights.replicated + two.gathered < one.weights.total
+    assert one.fits()[24] is False and two.fits()[24] is True  # the case FSDP is for: Mixtral on 2 x 24 GB
+    assert main(["--model", "mixtral-8x7b", "--gpus", "2"]) == 0
+    assert "FSDP2 x 2" in capsys.readouterr().out

@@ -49,6 +49,10 @@ class Footprint:
     """NF4 scale and code-book bytes per kind."""
     dense: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     """Unquantized bytes per dtype name."""
+    replicated: int = 0
+    """Of the total, the bytes FSDP2 keeps whole on every rank (``quant/sharding.py``): buffers, the scales of
+    bitsandbytes' linears (their quant state lives on the module) and, of the experts' scales, what is not the
+    uint8 ``absmax`` (nested scales and code books; all of them when the scales are float32)."""
 
     @property
     def quantized(self) -> int:
@@ -60,10 +64,15 @@ class Footprint:
 
     def add_nf4(self, kind: str, numel: int, double_quant: bool) -> None:
         self.nf4[kind] += nf4_bytes(numel)
-        self.scales[kind] += scale_bytes(numel, double_quant)
+        scales = scale_bytes(numel, double_quant)
+        self.scales[kind] += scales
+        sharded_scales = math.ceil(numel / BLOCKSIZE) if kind == "experts" and double_quant else 0  # uint8 absmax
+        self.replicated += scales - sharded_scales
 
-    def add_dense(self, tensor: torch.Tensor, dtype: torch.dtype) -> None:
-        self.dense[str(dtype).replace("torch.", "")] += tensor.numel() * torch.empty((), dtype=dtype).element_size()
+    def add_dense(self, tensor: torch.Tensor, dtype: torch.dtype, buffer: bool = False) -> None:
+        size = tensor.numel() * torch.empty((), dtype=dtype).element_size()
+        self.dense[str(dtype).replace("torch.", "")] += size
+        self.replicated += size if buffer else 0
 
 
 def _is_fused_experts(name: str, module: nn.Module) -> bool:
@@ -91,6 +100,19 @@ def weight_footprint(
         elif container is None or not name.startswith(container):  # inside a layer: counted with it
             _dense_footprint(module, footprint, seen, dtype)
     return footprint
+
+
+def layer_footprints(
+    model: nn.Module, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16, double_quant: bool = True
+) -> list[Footprint]:
+    """:func:`weight_footprint`'s rules applied to each decoder layer on its own (FSDP's units)."""
+    arch = ARCHITECTURES.get(getattr(model.config, "model_type", None))
+    keep = arch.keep_dense if arch else ()
+    footprints = []
+    for layer in decoder_layers(model):
+        footprints.append(Footprint())
+        _layer_footprint(layer, footprints[-1], set(), torch.device(device), dtype, double_quant, keep)
+    return footprints
 
 
 def _layer_footprint(layer, footprint: Footprint, seen: set, device, dtype, double_quant, keep) -> None:
@@ -123,4 +145,5 @@ def _dense_footprint(module: nn.Module, footprint: Footprint, seen: set, dtype) 
             continue
         seen.add(id(tensor))
         persistent = attr in module._parameters or attr not in module._non_persistent_buffers_set
-        footprint.add_dense(tensor, stored_dtype(module, tensor, tensor, dtype) if persistent else tensor.dtype)
+        footprint.add_dense(tensor, stored_dtype(module, tensor, tensor, dtype) if persistent else tensor.dtype,
+                            buffer=attr not in module._parameters)

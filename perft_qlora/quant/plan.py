@@ -12,6 +12,9 @@ by a formula (an estimate, not yet checked against a measured ``bench train`` GP
 
 from __future__ import annotations
 
+from .. import cli  # noqa: F401  first: quiets bitsandbytes' import-time notice (cli.py)
+
+# isort: split
 import argparse
 import json
 import os
@@ -25,7 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..method.config import PerftConfig
 from ..method.variants import BlockFacts, build_adapter
 from .arch import ARCHITECTURES, decoder_layers
-from .footprint import Footprint, weight_footprint
+from .footprint import Footprint, layer_footprints, weight_footprint
 
 CONFIG_DIR = Path(__file__).parent.parent / "configs"  # perft_qlora/configs
 KNOWN_MODELS = {
@@ -199,17 +202,39 @@ class MemoryPlan:
     bf16_weights: int
     adapters: AdapterPlan
     activations: int
+    gpus: int = 1
+    """FSDP2 over this many GPUs (``examples/accelerate/fsdp.yaml``); 1: the whole model on one GPU."""
+    gathered: int = 0
+    """Under FSDP, bytes all-gathered whole at the peak: two decoder layers (the one computing and the next,
+    prefetched; the largest layer counted twice) and the output embedding (accelerate keeps that unit gathered
+    from the end of the forward to the start of the backward)."""
+
+    @property
+    def weights_per_gpu(self) -> int:
+        """All weights on one GPU; under FSDP the rank's shard, what stays whole, and what is gathered at the peak."""
+        if self.gpus == 1:
+            return self.weights.total
+        return self.shard + self.weights.replicated + self.gathered
+
+    @property
+    def shard(self) -> int:
+        """One GPU's share of the weights FSDP shards."""
+        return -(-(self.weights.total - self.weights.replicated) // self.gpus)
+
+    @property
+    def adapters_per_gpu(self) -> int:
+        return -(-self.adapters.total // self.gpus)
 
     @property
     def total(self) -> int:
-        return self.weights.total + self.adapters.total + self.activations + RUNTIME_ALLOWANCE
+        return self.weights_per_gpu + self.adapters_per_gpu + self.activations + RUNTIME_ALLOWANCE
 
     def fits(self) -> dict[int, bool]:
         return {size: self.total <= size * GIB for size in GPU_SIZES_GB}
 
 
 def make_plan(name, model_config, perft_config: PerftConfig, batch: int, seq: int, device: str = "cuda",
-              double_quant: bool = True, adapter_dtype: torch.dtype = torch.float32) -> MemoryPlan:
+              double_quant: bool = True, adapter_dtype: torch.dtype = torch.float32, gpus: int = 1) -> MemoryPlan:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16)
     facts = moe_facts(model_config)
@@ -223,7 +248,14 @@ def make_plan(name, model_config, perft_config: PerftConfig, batch: int, seq: in
         activations=activation_bytes(
             model, facts, perft_config, batch, seq, torch.empty((), dtype=adapter_dtype).element_size()
         ),
+        gpus=gpus, gathered=_gathered_bytes(model, device, double_quant) if gpus > 1 else 0,
     )
+
+
+def _gathered_bytes(model, device: str, double_quant: bool) -> int:
+    largest = max(f.total for f in layer_footprints(model, device, torch.bfloat16, double_quant))
+    output = model.get_output_embeddings()
+    return 2 * largest + (output.weight.numel() * 2 if output is not None else 0)  # bf16
 
 
 def _gib(n: int) -> str:
@@ -248,6 +280,11 @@ def format_plan(plan: MemoryPlan, perft_config: PerftConfig, batch: int, seq: in
          f"{_gib(a.weights)} + grads {_gib(a.grads)} + AdamW state {_gib(a.optimizer)}"),
         (f"  activations  {_gib(plan.activations)} for batch {batch} x {seq} tokens, checkpointing on (estimate: "
          "within 15% of CPU-measured peaks of tiny models; no GPU bench train peak to check it against yet)"),
+        *([] if plan.gpus == 1 else [
+            (f"  FSDP2 x {plan.gpus}    weights per GPU {_gib(plan.weights_per_gpu)}: shard {_gib(plan.shard)} + whole "
+             f"on every GPU {_gib(f.replicated)} + gathered at the peak {_gib(plan.gathered)} (two layers, lm_head); "
+             f"adapters + AdamW per GPU {_gib(plan.adapters_per_gpu)}; activations for each GPU's batch of {batch}"),
+        ]),
         f"  allowance    {_gib(RUNTIME_ALLOWANCE)} CUDA context and allocator slack (assumed)",
         f"  total        {_gib(plan.total)}  ->  fits {fits}",
     ]
@@ -276,6 +313,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (the recipe's 256)")
     parser.add_argument("--adapter-dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--no-double-quant", action="store_true", help="plain float32 NF4 scales")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="shard over this many GPUs with FSDP2 (examples/accelerate/fsdp.yaml); totals are per GPU")
     return parser
 
 
@@ -284,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     num_experts = args.num_experts if args.num_experts is not None or args.variant not in ("perft", "perft_d") else 4
     top_k = args.top_k if args.top_k is not None or args.variant != "perft" else 2
+    if args.gpus < 1:
+        parser.error(f"--gpus {args.gpus}: give at least 1")
     try:
         perft_config = PerftConfig(variant=args.variant, num_experts=num_experts, top_k=top_k, bottleneck=args.bottleneck)
         names = [n for m in args.model for n in (KNOWN_MODELS if m == "all" else [m])]
@@ -293,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     plans = []
     for name, config in configs:
         plan = make_plan(name, config, perft_config, args.batch, args.seq, double_quant=not args.no_double_quant,
-                         adapter_dtype=getattr(torch, args.adapter_dtype))
+                         adapter_dtype=getattr(torch, args.adapter_dtype), gpus=args.gpus)
         print(format_plan(plan, perft_config, args.batch, args.seq), end="\n\n")
         plans.append(plan)
     if len(plans) > 1:

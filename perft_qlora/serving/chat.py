@@ -25,7 +25,14 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from ..evaluation.prompts import DEFAULT_TEMPLATE, get_template
 from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter
-from ..method.checkpoint import AdapterError, adapter_parameters, adapter_state_dict, load_adapter, read_adapter_config, read_config_json
+from ..method.checkpoint import (
+    AdapterError,
+    adapter_parameters,
+    adapter_state_dict,
+    load_adapter,
+    read_adapter_config,
+    read_config_json,
+)
 from ..method.config import PerftConfig
 from ..method.layer import PerftMoEBlock
 from ..method.model import ParameterReport, attach_perft, iter_perft_blocks, parameter_report
