@@ -286,3 +286,40 @@ def test_load_report_and_bench_load_give_time_cpu_and_host_peaks(tiny_checkpoint
 def _header_bytes(path: str) -> int:
     with open(path, "rb") as handle:
         return 8 + int.from_bytes(handle.read(8), "little")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_loads_only_the_experts_fsdp_keeps_on_it(tiny_checkpoint, caplog, arch, rank):
+    """``experts_shard``: this rank's experts hold a whole load's bytes, every expert's scales (double-quantized
+    over all experts) are a whole load's, and the other rank's checkpoint tensors are neither read nor reported."""
+    from perft_qlora.quant.sharding import ExpertShard
+
+    directory = tiny_checkpoint(arch)
+    whole, _ = load_model(directory, device="cpu", progress=False)
+    plain, _ = load_model(directory, device="cpu", progress=False, double_quant=False)  # float32 scales
+    gathered = []
+
+    def gather(own):  # the other rank's part from the whole load, in rank order
+        which = ("gate_up_proj", "down_proj")[len(gathered) % 2]
+        full = getattr(plain.model.layers[len(gathered) // 2].mlp.experts, which).absmax
+        half = full.numel() // 2
+        assert torch.equal(own, full[rank * half : (rank + 1) * half])  # this rank's own scales
+        gathered.append(which)
+        return full.clone()
+
+    with CheckpointReader(directory) as reader:
+        total = reader.total_bytes
+    caplog.set_level("WARNING")
+    model, _ = load_model(directory, device="cpu", progress=False, experts_shard=ExpertShard(rank, 2, gather))
+    assert len(gathered) == 2 * len(model.model.layers)
+    for mine, reference in zip(model.model.layers, whole.model.layers):
+        for which in ("gate_up_proj", "down_proj"):
+            got, expected = getattr(mine.mlp.experts, which), getattr(reference.mlp.experts, which)
+            half = expected.packed.shape[0] // 2
+            assert torch.equal(got.packed[rank * half : (rank + 1) * half], expected.packed[rank * half : (rank + 1) * half])
+            for name in ("absmax", "absmax2", "offset", "code", "code2"):
+                assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    experts = sum(w.numel for layer in whole.model.layers for w in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj))
+    assert model.load_report.bytes_read == pytest.approx(total - experts * 2 / 2, rel=0.01)  # half the bf16 experts
+    assert "not used by the model" not in caplog.text

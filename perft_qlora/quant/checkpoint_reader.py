@@ -102,6 +102,11 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         return list(self._entries)
 
+    def mark_used(self, key: str) -> None:
+        """Count a tensor as used without reading it (another rank's experts, under FSDP)."""
+        with self._lock:
+            self.used.add(key)
+
     def entry(self, key: str) -> TensorEntry:
         return self._entries[key]
 

@@ -68,8 +68,11 @@ def read_expert_chunk(reader: CheckpointReader, prefix: str, arch: MoEArch, whic
 
 
 def expert_chunks(reader: CheckpointReader, arch: MoEArch, shapes: list[dict[str, tuple[int, int, int]]],
-                  chunk_bytes: int) -> Iterator[ExpertChunk]:
-    """Chunks of every layer's ``gate_up_proj`` then ``down_proj``, in order. ``shapes[i][which] = (E, out, in)``."""
+                  chunk_bytes: int, experts=None) -> Iterator[ExpertChunk]:
+    """Chunks of every layer's ``gate_up_proj`` then ``down_proj``, in order. ``shapes[i][which] = (E, out, in)``.
+
+    ``experts(E) -> (start, stop)`` reads only those experts of each tensor (``sharding.ExpertShard.experts``);
+    the rest are counted as used without being read."""
     for layer, layer_shapes in enumerate(shapes):
         if not layer_shapes:  # a dense layer: no experts to read
             continue
@@ -78,10 +81,22 @@ def expert_chunks(reader: CheckpointReader, arch: MoEArch, shapes: list[dict[str
             shape = layer_shapes[which]
             per_expert = shape[1] * shape[2] * 2  # bf16 bytes; the size a chunk is meant to have
             step = max(1, min(chunk_bytes // per_expert, shape[0] // 8))  # and 8+ chunks a tensor
-            for start in range(0, shape[0], step):
-                stop = min(shape[0], start + step)
+            first, last = experts(shape[0]) if experts is not None else (0, shape[0])
+            _skip_other_experts(reader, prefix, arch, which, shape[0], first, last)
+            for start in range(first, last, step):
+                stop = min(last, start + step)
                 tensor = read_expert_chunk(reader, prefix, arch, which, start, stop, shape)
                 yield ExpertChunk(layer, which, start, tensor)
+
+
+def _skip_other_experts(reader: CheckpointReader, prefix: str, arch: MoEArch, which: str, num_experts: int,
+                        first: int, last: int) -> None:
+    if _fused_key(reader, prefix, arch, which) is not None or (first, last) == (0, num_experts):
+        return  # a fused tensor counts as used once any of its rows is read
+    for e in [*range(first), *range(last, num_experts)]:
+        for key in _per_expert_keys(prefix, arch, which, e):
+            if key in reader:
+                reader.mark_used(key)
 
 
 class _Failed:

@@ -33,6 +33,7 @@ from .load_report import LoadMeter, LoadProgress
 from .nf4_experts import NF4Experts
 from .nf4_quantize import NF4Stack
 from .quant_guard import disable_cpu_weight_repacking
+from .sharding import ExpertShard
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def load_model(
     double_quant: bool = True,
     revision: str | None = None,
     progress: bool = True,
+    experts_shard: ExpertShard | None = None,
 ):
     """Load a supported MoE causal LM and its tokenizer, frozen, in eval mode.
 
@@ -57,6 +59,8 @@ def load_model(
         device: where the weights live; default ``cuda`` when available, else ``cpu``.
         dtype: compute dtype of unquantized weights and of the matmuls.
         double_quant: also quantize the NF4 block scales (bitsandbytes' ``compress_statistics``).
+        experts_shard: under FSDP, read and quantize only this rank's routed experts (``sharding.ExpertShard``);
+            the model is whole-shaped but holds only those experts' bytes, until ``fully_shard`` keeps them.
     Returns:
         ``(model, tokenizer)``.
     """
@@ -72,7 +76,7 @@ def load_model(
         if quantize == "none":
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map={"": device})
         else:
-            model = _load_nf4(directory, config, arch, device, dtype, double_quant, progress, meter)
+            model = _load_nf4(directory, config, arch, device, dtype, double_quant, progress, meter, experts_shard)
     model.load_report = meter.report
     logger.info("%s", meter.report)
     model.name_or_path = name_or_path
@@ -121,7 +125,8 @@ def _load_tokenizer(directory: str):
     return tokenizer
 
 
-def _load_nf4(directory, config, arch: MoEArch, device, dtype, double_quant, progress, meter: LoadMeter):
+def _load_nf4(directory, config, arch: MoEArch, device, dtype, double_quant, progress, meter: LoadMeter,
+              shard: ExpertShard | None = None):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = decoder_layers(model)
@@ -129,11 +134,12 @@ def _load_nf4(directory, config, arch: MoEArch, device, dtype, double_quant, pro
     with CheckpointReader(directory) as reader:
         bar = LoadProgress(reader.total_bytes, len(layers), enabled=progress)
         reader.on_read = bar.read
-        stream = ExpertStream(expert_chunks(reader, arch, _expert_shapes(layers, arch), CHUNK_BYTES))
+        experts = shard.experts if shard is not None else None
+        stream = ExpertStream(expert_chunks(reader, arch, _expert_shapes(layers, arch), CHUNK_BYTES, experts))
         try:
             _load_tensors(model, "", reader, device, dtype, arch, skip_prefix="model.layers.", optional=tied)
             for i, layer in enumerate(layers):
-                _load_layer(layer, i, reader, stream, arch, device, dtype, double_quant, config.hidden_act)
+                _load_layer(layer, i, reader, stream, arch, device, dtype, double_quant, config.hidden_act, shard)
                 reader.close_finished()  # no file of a finished layer stays open
                 release_free_heap()  # freed chunks and float32 scales back to the OS, not kept as heap holes
                 bar.layer_done(i)
@@ -163,12 +169,13 @@ def _expert_shapes(layers, arch: MoEArch) -> list[dict[str, tuple[int, int, int]
     return shapes
 
 
-def _load_layer(layer, index: int, reader, stream, arch: MoEArch, device, dtype, double_quant, hidden_act) -> None:
+def _load_layer(layer, index: int, reader, stream, arch: MoEArch, device, dtype, double_quant, hidden_act,
+                shard: ExpertShard | None = None) -> None:
     prefix = f"model.layers.{index}."
     moe = getattr(layer, arch.moe_block)
     if arch.is_moe_block(moe):  # some families keep dense MLP layers (Qwen's mlp_only_layers)
         experts = getattr(moe, arch.experts)
-        setattr(moe, arch.experts, _load_experts(stream, index, experts, device, dtype, double_quant, hidden_act))
+        setattr(moe, arch.experts, _load_experts(stream, index, experts, device, dtype, double_quant, hidden_act, shard))
     _replace_linears(layer, device, dtype, double_quant, keep=arch.keep_dense)
     _load_tensors(layer, prefix, reader, device, dtype, arch)
 
@@ -251,16 +258,21 @@ def _quantized_linear_weight(value: torch.Tensor, module, device, dtype) -> bnb.
     return weight
 
 
-def _load_experts(stream, index: int, experts, device, dtype, double_quant, hidden_act: str) -> NF4Experts:
-    """Quantize layer ``index``'s experts from ``stream``'s chunks into NF4 on ``device`` as they arrive."""
-    stacks = {which: NF4Stack(tuple(getattr(experts, which).shape), dtype, device, BLOCKSIZE) for which in WHICH}
-    while any(stack.filled < stack.shape[0] for stack in stacks.values()):
+def _load_experts(stream, index: int, experts, device, dtype, double_quant, hidden_act: str,
+                  shard: ExpertShard | None = None) -> NF4Experts:
+    """Quantize layer ``index``'s experts (this rank's, under FSDP) from ``stream``'s chunks into NF4 on ``device``."""
+    stacks = {}
+    for which in WHICH:
+        shape = tuple(getattr(experts, which).shape)
+        stacks[which] = NF4Stack(shape, dtype, device, BLOCKSIZE, shard.experts(shape[0]) if shard else None)
+    while any(stack.filled < stack.stop for stack in stacks.values()):
         chunk = next(stream)
         if chunk.layer != index or chunk.start != stacks[chunk.which].filled:
             raise RuntimeError(f"expert chunk of layer {chunk.layer} {chunk.which}[{chunk.start}] out of order")
         stacks[chunk.which].add(chunk.tensor)
         del chunk
-    gate_up, down = (stacks[which].finish(double_quant) for which in WHICH)
+    gather = shard.gather if shard is not None else None
+    gate_up, down = (stacks[which].finish(double_quant, gather) for which in WHICH)
     return NF4Experts(gate_up, down, hidden_act=hidden_act)
 
 

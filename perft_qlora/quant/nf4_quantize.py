@@ -76,9 +76,15 @@ def _quantize_slab(part, packed, absmax, blocksize, scratch) -> None:
 
 
 class NF4Stack:
-    """Fills an :class:`NF4Weight` of ``shape`` on ``device`` from consecutive chunks of whole experts."""
+    """Fills an :class:`NF4Weight` of ``shape`` on ``device`` from consecutive chunks of whole experts.
 
-    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, device, blocksize: int = 64):
+    ``experts=(start, stop)`` fills only those experts (one rank's share under FSDP, ``sharding.ExpertShard``):
+    the other experts' packed bytes stay unwritten, and :meth:`finish` takes every expert's scales from
+    ``gather``.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, device, blocksize: int = 64,
+                 experts: tuple[int, int] | None = None):
         num_experts, out_features, in_features = shape
         per_expert = out_features * in_features
         if per_expert % blocksize:
@@ -87,7 +93,8 @@ class NF4Stack:
         self.shape, self.dtype, self.device, self.blocksize = tuple(shape), dtype, torch.device(device), blocksize
         self.packed = torch.empty((num_experts * per_expert // 2, 1), dtype=torch.uint8, device=self.device)
         self.absmax = torch.empty(num_experts * per_expert // blocksize, dtype=torch.float32, device=self.device)
-        self.filled = 0  # experts so far
+        self.start, self.stop = experts if experts is not None else (0, num_experts)
+        self.filled = self.start  # experts so far
         self.code = bnbF.get_4bit_type("nf4", device=self.device)
 
     def add(self, chunk: torch.Tensor) -> None:
@@ -106,11 +113,18 @@ class NF4Stack:
         self.absmax[start // self.blocksize : stop // self.blocksize].copy_(absmax)
         self.filled += chunk.shape[0]
 
-    def finish(self, double_quant: bool = True) -> NF4Weight:
-        """The finished weight (every expert added); nested statistics as ``quantize_4bit`` computes them."""
-        if self.filled != self.shape[0]:
-            raise ValueError(f"only {self.filled} of {self.shape[0]} experts were added")
+    def finish(self, double_quant: bool = True, gather=None) -> NF4Weight:
+        """The finished weight (every expert added); nested statistics as ``quantize_4bit`` computes them.
+
+        For a partial stack, ``gather(own scales)`` returns all experts' float32 scales (a collective)."""
+        if self.filled != self.stop:
+            raise ValueError(f"only experts {self.start}..{self.filled} of {self.start}..{self.stop} were added")
         absmax, nested = self.absmax, None
+        if (self.start, self.stop) != (0, self.shape[0]):
+            per_expert = self.shape[1] * self.shape[2] // self.blocksize
+            absmax = gather(absmax[self.start * per_expert : self.stop * per_expert])
+            if absmax.shape != self.absmax.shape:
+                raise ValueError(f"gathered scales {tuple(absmax.shape)}, expected {tuple(self.absmax.shape)}")
         if double_quant:
             offset = absmax.mean()
             qabsmax, state2 = bnbF.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)

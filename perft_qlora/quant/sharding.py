@@ -16,6 +16,9 @@ Two kinds of 4-bit storage live in a model from :func:`~perft_qlora.quant.loader
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import bitsandbytes as bnb
 import torch
 from torch import nn
@@ -23,6 +26,32 @@ from torch import nn
 from .nf4 import NF4Weight
 
 FLOAT_STORAGE = torch.bfloat16  # bnb_4bit_quant_storage for Params4bit under FSDP
+
+
+@dataclass(frozen=True)
+class ExpertShard:
+    """The routed experts one rank loads: those FSDP2 will keep on it.
+
+    FSDP2 splits each parameter along dim 0 into ``world`` equal chunks and keeps chunk ``rank``. An
+    ``NF4Weight``'s ``packed`` (``(E * out * in / 2, 1)``) and uint8 ``absmax`` are expert-major, so when
+    ``world`` divides ``E`` that chunk is exactly experts ``[rank * E / world, (rank + 1) * E / world)``: the
+    loader reads and quantizes only those, and leaves the other experts' bytes unwritten (FSDP never reads
+    them into the rank's shard). The block scales are small; ``gather`` (a collective: every rank calls it with
+    its own experts' float32 scales, in layer order) returns all experts' scales, so that the double
+    quantization of the scales, computed over all experts, gives the bytes a whole load gives.
+    """
+
+    rank: int
+    world: int
+    gather: Callable[[torch.Tensor], torch.Tensor]
+
+    def experts(self, num_experts: int) -> tuple[int, int]:
+        """This rank's ``[start, stop)``; all experts when ``world`` does not divide them (FSDP's chunks would cut
+        through an expert)."""
+        if num_experts % self.world:
+            return 0, num_experts
+        per_rank = num_experts // self.world
+        return self.rank * per_rank, (self.rank + 1) * per_rank
 
 
 def shardable_storage(model: nn.Module) -> dict[str, int]:

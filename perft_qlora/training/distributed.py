@@ -17,9 +17,11 @@ What runs where under data parallel (``accelerate launch --multi_gpu --num_proce
   (``rng_state_{rank}.pth``) into the checkpoint, as the Trainer does.
 
 Sharded (``accelerate launch --config_file examples/accelerate/fsdp.yaml``, FSDP2): the same averages, with the
-gradients reduce-scattered instead of all-reduced. Each rank loads the NF4 model into host memory (``load_device``),
-:func:`~perft_qlora.quant.sharding.shardable_storage` turns the 4-bit storage into parameters, and accelerate's
-``fully_shard`` (one unit per decoder layer) moves each rank's 1/N of every layer to its GPU. Checkpoints hold
+gradients reduce-scattered instead of all-reduced. Each rank loads the model into host memory (``load_device``),
+reading and quantizing only the routed experts FSDP will keep on it (``expert_shard``; the rest of the model, a
+few percent of it, whole), :func:`~perft_qlora.quant.sharding.shardable_storage` turns the 4-bit storage into
+parameters, and accelerate's ``fully_shard`` (one unit per decoder layer) moves each rank's 1/N of every layer
+to its GPU. Checkpoints hold
 whole tensors (adapter, optimizer state), gathered from the shards: the same files one process writes.
 """
 
@@ -36,6 +38,7 @@ import torch.distributed as dist
 
 from ..method.model import iter_perft_blocks
 from ..method.stats import balance_log
+from ..quant.sharding import ExpertShard
 
 # Options that may differ between ranks without changing what is trained.
 RANK_LOCAL_OPTIONS = ("device",)
@@ -123,6 +126,26 @@ def check_fsdp(args: argparse.Namespace) -> None:
     if env("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
         raise SystemExit(f"error: fsdp_offload_params is not supported (untested with the NF4 storage): set it to "
                          f"false{fix}")
+
+
+def expert_shard() -> ExpertShard | None:
+    """Under FSDP with several ranks: the routed experts this rank loads (those FSDP keeps on it), else None."""
+    if launch_engine() != "fsdp" or world_size() == 1:
+        return None
+    return ExpertShard(rank=int(os.environ.get("RANK", "0")), world=world_size(), gather=gather_from_ranks)
+
+
+def gather_from_ranks(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's equally sized ``local``, concatenated in rank order (host tensors: a gloo group)."""
+    global _HOST_GROUP
+    if dist.get_backend() != "gloo" and _HOST_GROUP is None:
+        _HOST_GROUP = dist.new_group(backend="gloo")  # NCCL moves GPU tensors only; the loader's are in host memory
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(parts, local.contiguous(), group=_HOST_GROUP)
+    return torch.cat(parts)
+
+
+_HOST_GROUP = None
 
 
 def load_device(device: str) -> str:

@@ -40,7 +40,7 @@ from .backends import get_backend
 from .baseline import attach_lora_baseline
 from .data import count_truncated, split_validation, to_prompt_completion
 from .demo import prepare_demo_base, run_demo
-from .distributed import is_main_process, launch_engine, load_device, main_process_first, prepare_ranks
+from .distributed import expert_shard, is_main_process, launch_engine, load_device, main_process_first, prepare_ranks
 from .records import read_records
 from .train_options import parse_args, perft_config_from_args, sft_config_from_args
 from .trainer import PerftSFTTrainer
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None
 
     model, tokenizer = load_model(
         args.model, quantize=args.quantize, device=load_device(args.device), double_quant=args.double_quant, revision=args.revision,
-        dtype=getattr(torch, args.base_dtype),
+        dtype=getattr(torch, args.base_dtype), experts_shard=expert_shard(),
     )
     arch = get_arch(model.config)
     too_long, checked = count_truncated(train_set, tokenizer, args.max_length)
