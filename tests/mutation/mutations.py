@@ -106,4 +106,11 @@ MUTATIONS: tuple[Mutation, ...] = (
     _one("nf4_expert_slice_of_the_wrong_scales", "quant/nf4.py",
          "start, stop = expert * per_expert, (expert + 1) * per_expert", "start, stop = 0, per_expert",
          "tests/test_nf4.py", "-k", "loop_over_dequantized"),
+    # FSDP2 (issue 17): a rank loads the experts FSDP keeps on it; the planner's per-GPU split.
+    _one("rank_loads_the_first_ranks_experts", "quant/sharding.py",
+         "return self.rank * per_rank, (self.rank + 1) * per_rank", "return 0, per_rank",
+         "tests/test_loader.py", "-k", "experts_fsdp_keeps"),
+    _one("expert_scales_counted_as_replicated", "quant/footprint.py",
+         'sharded_scales = math.ceil(numel / BLOCKSIZE) if kind == "experts" and double_quant else 0',
+         "sharded_scales = 0", "tests/test_plan.py", "-k", "load_model_allocates and olmoe"),
 )
