@@ -76,6 +76,18 @@ def check_perft_config(args, config=None) -> PerftConfig | None:
         raise UsageError(f"{text}; fix the option (see --help)") from error
 
 
+def check_schedule(args) -> None:
+    """With held-out rows the best checkpoint is picked at evaluations, so checkpoints must fall on them."""
+    for option in ("eval_steps", "save_steps", "logging_steps"):
+        if getattr(args, option) < 1:
+            raise UsageError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    if args.val_size > 0 and args.save_steps % args.eval_steps:
+        raise UsageError(
+            f"--save-steps {args.save_steps} is not a multiple of --eval-steps {args.eval_steps}: with held-out rows "
+            "(--val-size) the best checkpoint is chosen at evaluations; make it a multiple, or pass --val-size 0"
+        )
+
+
 def check_base_balance_loss(args, config) -> None:
     """``--base-aux-loss-coef`` > 0 only for families whose base router takes the Switch balance loss: TRL's
     loss reads ``config.num_experts``, which DeepSeek-V3 / GLM-4 configs lack (they balance by a score bias)."""

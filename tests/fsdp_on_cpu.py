@@ -62,6 +62,7 @@ class ShardReport(TrainerCallback):
 
 def main(argv: list[str]) -> None:
     """``python -m perft_qlora.train``'s ``main`` with the shard report added to its callbacks."""
+    from perft_qlora.cli import error_path
     from perft_qlora.training.demo import run_demo
     from perft_qlora.training.train import run
     from perft_qlora.training.train_options import parse_args
@@ -70,10 +71,11 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     report_dir = os.environ.get("PERFT_QLORA_SHARD_REPORT")
     train = functools.partial(run, callbacks=[ShardReport(report_dir)] if report_dir else None)
-    if args.demo:
-        run_demo(args, train)
-    else:
-        train(args)
+    with error_path(args.debug):
+        if args.demo:
+            run_demo(args, train)
+        else:
+            train(args)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,9 @@ TRAIN_CASES = [  # (id, how to build the argv, expected text in the error line)
     ("corrupt config.json", lambda a, t: a(model=_dir_with(t, "bad", {"config.json": "{"})), "is not a JSON object"),
     ("output dir is a file", lambda a, t: a("--output-dir", _rows_file(t, "[]")), "is a file"),
     ("resume without checkpoint", lambda a, t: a("--resume"), "no checkpoint-* directory"),
+    ("checkpoints off the evaluations", lambda a, t: a("--eval-steps", "2", "--save-steps", "15"),
+     "--save-steps 15 is not a multiple of --eval-steps 2"),
+    ("eval-steps 0", lambda a, t: a("--eval-steps", "0"), "--eval-steps must be >= 1, got 0"),
 ]
 
 

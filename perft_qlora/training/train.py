@@ -31,7 +31,7 @@ from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..method.model import attach_perft, parameter_report
-from ..preflight import check_output_dir, check_perft_config, model_config
+from ..preflight import check_output_dir, check_perft_config, check_schedule, model_config
 from ..quant.arch import get_arch
 from ..quant.loader import load_model
 from ..quant.memory import memory_report
@@ -136,6 +136,7 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None
     backend = get_backend(args.backend)  # fails at once if, e.g., Unsloth has no GPU here
     args.device = prepare_ranks(args)  # under accelerate launch: this rank's own GPU, launch checks
     check_perft_config(args)  # the knobs on their own, before --demo writes anything
+    check_schedule(args)
     set_seed(args.seed)
     with main_process_first():  # rank 0 removes old checkpoints and writes the demo base before others look
         resume = resolve_resume(args, remove=is_main_process())
