@@ -21,8 +21,8 @@ gradients reduce-scattered instead of all-reduced. Each rank loads the model int
 reading and quantizing only the routed experts FSDP will keep on it (``expert_shard``; the rest of the model, a
 few percent of it, whole), :func:`~perft_qlora.quant.sharding.shardable_storage` turns the 4-bit storage into
 parameters, and accelerate's ``fully_shard`` (one unit per decoder layer) moves each rank's 1/N of every layer
-to its GPU. Checkpoints hold
-whole tensors (adapter, optimizer state), gathered from the shards: the same files one process writes.
+to its GPU. Checkpoints hold whole tensors (adapter, optimizer state) gathered from the shards and written by
+rank 0 (``trainer.py``).
 """
 
 from __future__ import annotations
@@ -135,6 +135,9 @@ def expert_shard() -> ExpertShard | None:
     return ExpertShard(rank=int(os.environ.get("RANK", "0")), world=world_size(), gather=gather_from_ranks)
 
 
+_HOST_GROUP = None  # a gloo group for host tensors when the default group is NCCL (created on first use)
+
+
 def gather_from_ranks(local: torch.Tensor) -> torch.Tensor:
     """Every rank's equally sized ``local``, concatenated in rank order (host tensors: a gloo group)."""
     global _HOST_GROUP
@@ -145,12 +148,10 @@ def gather_from_ranks(local: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-_HOST_GROUP = None
-
-
 def load_device(device: str) -> str:
-    """Where this rank loads the model: its GPU, except under FSDP, where the whole model stays in host memory
-    until ``fully_shard`` moves each rank's shard of it to the GPU (a model bigger than one card then loads)."""
+    """Where this rank loads the model: its GPU, except under FSDP, where the model (with only this rank's
+    experts) stays in host memory until ``fully_shard`` moves the rank's shard of each layer to the GPU, so a
+    model bigger than one card loads."""
     return "cpu" if launch_engine() == "fsdp" else device
 
 

@@ -143,7 +143,8 @@ class PerftSFTTrainer(SFTTrainer):
         if self._sharded_perft() is None:
             return super()._save_optimizer_and_scheduler(output_dir)
         # Instead of the Trainer's FSDP checkpoint (the whole model's shards): the adapter's optimizer state,
-        # gathered whole (it is small), one file as one process writes it; keys are parameter names.
+        # gathered whole (it is small) into optimizer.pt, keyed by parameter name (torch's full optimizer state
+        # dict, not the int-keyed one a single process writes).
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_optimizer_state_dict(self.model, _torch_optimizer(self.optimizer), options=options)
         if self.args.should_save:
