@@ -241,3 +241,17 @@ def test_trainer_refuses_a_model_without_trainable_parameters(tiny_nf4):
     model, tokenizer = tiny_nf4("olmoe")
     with pytest.raises(ValueError, match="no trainable parameters"):
         PerftSFTTrainer(model, processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("variant", ["lora", "perft"])
+def test_the_adapter_remembers_its_prompt_template(tmp_path, variant):
+    """evaluate and the app use the template an adapter was trained with: a peft (LoRA) adapter included, whose
+    own adapter_config.json has no field for it (a training record beside it)."""
+    from perft_qlora.evaluation.evaluate import adapter_template
+    from perft_qlora.method.adapters import TRAINING_NAME, training_record
+
+    run(quick_args(tmp_path, "--variant", variant, "--max-steps", "2", "--save-steps", "2", "--template", "alpaca"))
+    for directory in (tmp_path / "adapter", tmp_path / "checkpoint-2"):
+        assert adapter_template(str(directory)) == "alpaca"
+        assert training_record(str(directory))["variant"] == variant
+    assert (TRAINING_NAME in os.listdir(tmp_path / "adapter")) == (variant == "lora")

@@ -25,8 +25,8 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .. import AdapterError, __version__, load_model, read_adapter_config
-from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter
+from .. import AdapterError, __version__, load_model
+from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter, training_record
 from ..method.checkpoint import WEIGHTS_NAME, verify_adapter_files, verify_safetensors
 from ..preflight import is_local_path, model_config
 from .predictions import PredictionsError, PredictionStore
@@ -85,11 +85,8 @@ def parse_adapters(values: list[str], model_config=None) -> dict[str, str]:
 
 
 def adapter_template(directory: str) -> str | None:
-    """The prompt template an adapter was trained with (``extra.training.template``), or None if unrecorded."""
-    if adapter_kind(directory) == "peft":
-        return None
-    training = (read_adapter_config(directory).get("extra") or {}).get("training") or {}
-    return training.get("template")
+    """The prompt template an adapter was trained with (its training record), or None if unrecorded."""
+    return training_record(directory).get("template")
 
 
 def choose_templates(requested: str | None, adapters: dict[str, str]) -> dict[str, str]:

@@ -7,8 +7,39 @@ its config). Evaluation and the app switch between them on one NF4 base without 
 
 from __future__ import annotations
 
+import json
+import os
+
 from .checkpoint import AdapterError, load_adapter, read_adapter_config, read_config_json
 from .model import detach_perft
+
+TRAINING_NAME = "perft_qlora_training.json"
+"""Beside a peft adapter written by ``train --variant lora``: what the run recorded (prompt template, data, base
+model, step), which peft's ``adapter_config.json`` has no field for. A PERFT adapter keeps the same record in
+its own config (``extra.training``)."""
+
+
+def training_record(directory: str) -> dict:
+    """What ``python -m perft_qlora.train`` recorded about the adapter in ``directory``; {} when nothing was."""
+    if adapter_kind(directory) == "perft":
+        return (read_adapter_config(directory).get("extra") or {}).get("training") or {}
+    path = os.path.join(directory, TRAINING_NAME)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{path} is corrupt: {err}") from err
+    return record.get("training") or {} if isinstance(record, dict) else {}
+
+
+def write_training_record(directory: str, training: dict) -> None:
+    """Write :data:`TRAINING_NAME` into a peft adapter's ``directory`` (atomically: temporary file, rename)."""
+    path = os.path.join(directory, TRAINING_NAME)
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump({"training": training}, handle, indent=2, default=str)
+    os.replace(path + ".tmp", path)
 
 
 def adapter_kind(directory: str) -> str:

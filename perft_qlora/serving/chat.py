@@ -24,7 +24,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from ..evaluation.prompts import DEFAULT_TEMPLATE, get_template
-from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter
+from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter, training_record
 from ..method.checkpoint import (
     AdapterError,
     adapter_parameters,
@@ -272,7 +272,8 @@ class ChatModel:
             self.model = detach_adapter(adapted)
         base = self._base_report
         report = ParameterReport(values, values, base.backbone, base.backbone_per_token)  # LoRA is dense per token
-        return _Adapter(directory, None, None, read_config_json(directory), report)
+        metadata = {**read_config_json(directory), "extra": {"training": training_record(directory)}}
+        return _Adapter(directory, None, None, metadata, report)
 
     def register_many(self, specs: dict[str, str]) -> dict[str, str]:
         """Register each ``name -> directory``; returns ``name -> error message`` for those that failed."""

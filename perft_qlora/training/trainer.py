@@ -30,6 +30,7 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from trl import SFTTrainer
 
 from ..kernels import backend_choices
+from ..method.adapters import write_training_record
 from ..method.checkpoint import adapter_state_dict, load_adapter, save_adapter
 from ..method.losses import perft_balance_loss
 from ..method.model import balance_loss_coef, parameter_report
@@ -128,8 +129,11 @@ class PerftSFTTrainer(SFTTrainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         perft = _perft_model(self.model)
-        if perft is None:  # the peft LoRA baseline: the Trainer saves peft's adapter files itself
-            return super()._save(output_dir, state_dict)
+        if perft is None:  # the peft LoRA baseline: peft's adapter files (the Trainer), plus our training record
+            super()._save(output_dir, state_dict)
+            if self.args.should_save:
+                write_training_record(output_dir or self.args.output_dir, self._training_metadata())
+            return
         state = adapter_state_dict(perft)  # every rank: under FSDP this gathers the shards
         if self.args.should_save:
             directory = output_dir or self.args.output_dir
