@@ -1,7 +1,9 @@
-"""Data parallel with two CPU processes (`accelerate launch` -> torchrun, gloo) against one process.
+"""Data parallel and sharded (FSDP2) training with two CPU processes (`accelerate launch` -> torchrun, gloo)
+against one process.
 
-The launched command is the README's: ``accelerate launch --config_file examples/accelerate/ddp.yaml -m
-perft_qlora.train ...``. Parity needs float32 compute (``--base-dtype float32``: bf16 matmuls round differently
+The launched commands are the README's: ``accelerate launch --config_file examples/accelerate/ddp.yaml -m
+perft_qlora.train ...`` and, for FSDP2, ``accelerate launch --config_file examples/accelerate/fsdp.yaml
+tests/fsdp_on_cpu.py ...`` (accelerate enables FSDP on GPUs only; that script supplies what it sets there). Parity needs float32 compute (``--base-dtype float32``: bf16 matmuls round differently
 for different batch shapes) and rows of one token length (padding would change the routed token counts).
 What is averaged where is stated in ``perft_qlora/training/distributed.py``'s module docstring; each claim has a test here.
 """
