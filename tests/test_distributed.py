@@ -299,6 +299,17 @@ def test_fsdp_on_a_gpu_moves_each_shard_there_and_trains_like_one_gpu(data, tmp_
         assert got[step]["loss"] == pytest.approx(expected[step]["loss"], rel=5e-2), step
 
 
+@pytest.mark.slow
+def test_an_fsdp_checkpoint_resumes_in_one_process(fsdp_perft, data, tmp_path):
+    """Checkpoints hold whole tensors, the optimizer state by parameter name: one process continues an FSDP run
+    (here with --grad-accum 2 over the same micro-batches) to the FSDP run's adapter."""
+    out, _, _ = fsdp_perft
+    shutil.copytree(out / "checkpoint-2", tmp_path / "checkpoint-2")
+    resumed = run(parse_args(fsdp_options(data, tmp_path) + ["--grad-accum", "2", "--resume"]))
+    assert resumed.state.global_step == STEPS
+    assert_same_adapter(adapter(tmp_path / "adapter"), adapter(out / "adapter"), atol=2e-5)
+
+
 # ---- rank-aware device choice and launch checks, with a faked multi-GPU environment --------------------------
 
 

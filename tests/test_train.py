@@ -2,9 +2,11 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from perft_qlora import load_adapter, load_model
@@ -152,6 +154,25 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert set(got) == {4, 5, 6}
     for step in (4, 5, 6):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), (step, got, expected)
+
+
+def test_checkpoints_store_the_optimizer_by_name_and_earlier_ones_still_resume(tmp_path):
+    """optimizer.pt holds torch's by-name state dict (the same in every engine, so FSDP and one process can resume
+    each other's checkpoints); a checkpoint in the Trainer's own numbered form (before that) resumes the same."""
+    common = ["--max-steps", "5", "--save-steps", "3"]
+    interrupted = run(quick_args(tmp_path / "named", *common), callbacks=[StopAt(3)])
+    saved = torch.load(tmp_path / "named" / "checkpoint-3" / "optimizer.pt", weights_only=True)
+    names = {n for n, p in interrupted.model.named_parameters() if p.requires_grad}
+    assert set(saved["state"]) == names == {n for group in saved["param_groups"] for n in group["params"]}
+    shutil.copytree(tmp_path / "named", tmp_path / "numbered")
+    torch.save(interrupted.optimizer.state_dict(), tmp_path / "numbered" / "checkpoint-3" / "optimizer.pt")
+    adapters = {}
+    for kind in ("named", "numbered"):
+        run(quick_args(tmp_path / kind, *common, "--resume"))
+        adapters[kind] = load_file(tmp_path / kind / "adapter" / WEIGHTS_NAME)
+    assert adapters["named"].keys() == adapters["numbered"].keys()
+    for key, value in adapters["named"].items():
+        assert torch.equal(value, adapters["numbered"][key]), key
 
 
 def test_existing_runs_need_resume_or_overwrite_and_demo_removes_only_its_own(tmp_path, capsys):

@@ -9,8 +9,9 @@ What it adds to ``SFTTrainer``, and nothing else:
 - tokens/s, peak memory and per-layer PERFT routing statistics at every logging step;
 - checkpoints that hold the adapter only (``adapter_config.json`` + ``adapter_model.safetensors``, written
   by :func:`save_adapter`), plus the optimizer, scheduler and RNG state the Trainer adds; resuming and
-  best-checkpoint selection load them back with :func:`load_adapter`. Under FSDP the same files, of whole
-  tensors gathered from the shards (the Trainer would otherwise write the whole sharded model).
+  best-checkpoint selection load them back with :func:`load_adapter`. The optimizer state is stored by
+  parameter name, whole, in every engine (one process, DDP, FSDP: under FSDP gathered from the shards), so a
+  checkpoint resumes under any of them.
 
 Why the Trainer accepts the 4-bit model: transformers refuses "purely quantized" models only when
 ``model.is_quantized`` is set, which its own ``HfQuantizer`` loading does. ``load_model`` quantizes with
@@ -45,6 +46,12 @@ def _perft_model(model):
     while hasattr(model, "module"):
         model = model.module
     return model if getattr(model, "perft_config", None) is not None else None
+
+
+def _keyed_by_name(optimizer_state: dict) -> bool:
+    """Whether an optimizer state dict is torch's by-name form (``get_optimizer_state_dict``), not ``state_dict()``'s."""
+    params = [p for group in optimizer_state.get("param_groups", []) for p in group.get("params", [])]
+    return bool(params) and all(isinstance(p, str) for p in params)
 
 
 def _torch_optimizer(optimizer):
@@ -144,11 +151,11 @@ class PerftSFTTrainer(SFTTrainer):
         self.accelerator.wait_for_everyone()
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if self._sharded_perft() is None:
+        if _perft_model(self.model) is None:
             return super()._save_optimizer_and_scheduler(output_dir)
-        # Instead of the Trainer's FSDP checkpoint (the whole model's shards): the adapter's optimizer state,
-        # gathered whole (it is small) into optimizer.pt, keyed by parameter name (torch's full optimizer state
-        # dict, not the int-keyed one a single process writes).
+        # One optimizer file for every engine: torch's full optimizer state dict, keyed by parameter name and
+        # gathered whole under FSDP (the adapter's state is small), so a checkpoint resumes one process, DDP or
+        # FSDP alike. Under FSDP the Trainer would otherwise write the whole model's shards.
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_optimizer_state_dict(self.model, _torch_optimizer(self.optimizer), options=options)
         if self.args.should_save:
@@ -156,15 +163,20 @@ class PerftSFTTrainer(SFTTrainer):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if checkpoint is None or self._sharded_perft() is None:
+        if checkpoint is None or _perft_model(self.model) is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
         paths = [os.path.join(checkpoint, name) for name in (OPTIMIZER_NAME, SCHEDULER_NAME)]
         if not all(os.path.isfile(path) for path in paths):
             return
         state, scheduler = (torch.load(path, map_location="cpu", weights_only=True) for path in paths)
-        # Every rank reads the (small) file and keeps its own shard of each state tensor.
+        if not _keyed_by_name(state):  # the Trainer's own format: a checkpoint of perft_qlora before 2026-11-30
+            if self.is_fsdp_enabled:
+                raise ValueError(f"{checkpoint}/{OPTIMIZER_NAME} was written by an earlier perft_qlora (parameters "
+                                 "numbered, not named); resume it without FSDP, then continue under FSDP")
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        # Every rank reads the (small) file; under FSDP each keeps its own shard of every state tensor.
         set_optimizer_state_dict(self.model, _torch_optimizer(self.optimizer), state,
-                                 options=StateDictOptions(full_state_dict=True))
+                                 options=StateDictOptions(full_state_dict=self.is_fsdp_enabled))
         self.lr_scheduler.load_state_dict(scheduler)
 
     # ---- model card -------------------------------------------------------------------------------
