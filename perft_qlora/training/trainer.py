@@ -32,7 +32,7 @@ from trl import SFTTrainer
 
 from ..kernels import backend_choices
 from ..method.adapters import write_training_record
-from ..method.checkpoint import adapter_state_dict, load_adapter, save_adapter
+from ..method.checkpoint import AdapterError, adapter_state_dict, load_adapter, save_adapter
 from ..method.losses import perft_balance_loss
 from ..method.model import balance_loss_coef, parameter_report
 from ..quant.memory import peak_memory_bytes
@@ -171,8 +171,8 @@ class PerftSFTTrainer(SFTTrainer):
         state, scheduler = (torch.load(path, map_location="cpu", weights_only=True) for path in paths)
         if not _keyed_by_name(state):  # the Trainer's own format: a checkpoint of perft_qlora before 2026-11-30
             if self.is_fsdp_enabled:
-                raise ValueError(f"{checkpoint}/{OPTIMIZER_NAME} was written by an earlier perft_qlora (parameters "
-                                 "numbered, not named); resume it without FSDP, then continue under FSDP")
+                raise AdapterError(f"{checkpoint}/{OPTIMIZER_NAME} was written by an earlier perft_qlora (parameters "
+                                   "numbered, not named); resume it without FSDP, then continue under FSDP")
             return super()._load_optimizer_and_scheduler(checkpoint)
         # Every rank reads the (small) file; under FSDP each keeps its own shard of every state tensor.
         set_optimizer_state_dict(self.model, _torch_optimizer(self.optimizer), state,
