@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from .random_checkpoint import ARCHES, arch_config, write_random_checkpoint
+from .random_checkpoint import ARCHES, CACHE_DIR, cached_checkpoint
 
 BACKENDS = ("auto", "grouped", "triton", "reference")
 
@@ -51,9 +51,8 @@ def run(args) -> dict:
     from .. import PerftConfig, attach_perft, load_model
     from ..kernels import backend_choices
 
-    config = arch_config(args.arch, args.num_layers)
-    name = args.arch + (f"-{args.num_layers}l" if args.num_layers else "")
-    path = write_random_checkpoint(config, os.path.join(args.cache_dir, name), progress=False)
+    path = cached_checkpoint(args.arch, args.num_layers, args.cache_dir, progress=False)
+    name = os.path.basename(path)
     model, _ = load_model(path, device=args.device, progress=False)
     top_k = args.top_k if args.variant == "perft" else None
     experts = args.num_experts if args.variant in ("perft", "perft_d") else None
@@ -69,7 +68,7 @@ def run(args) -> dict:
     for backend in args.backends.split(","):
         os.environ["PERFT_QLORA_KERNELS"] = backend
         for batch in (int(b) for b in args.batches.split(",")):
-            ids = torch.randint(3, config.vocab_size, (batch, args.prompt), generator=generator).to(args.device)
+            ids = torch.randint(3, model.config.vocab_size, (batch, args.prompt), generator=generator).to(args.device)
             row = dict(backend=backend, batch=batch, new_tokens=args.new_tokens)
             try:
                 seconds = _decode_seconds(model, ids, args.new_tokens, args.repeats)
@@ -107,7 +106,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64, help="generated tokens (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed generations per row (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "perft_qlora", "bench"))
+    p.add_argument("--cache-dir", default=CACHE_DIR)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p
 

@@ -24,7 +24,7 @@ import torch
 
 from ..quant.host_memory import HostPeak
 from .isolate import run_each_in_own_process
-from .random_checkpoint import ARCHES, arch_config, write_random_checkpoint
+from .random_checkpoint import ARCHES, CACHE_DIR, cached_checkpoint
 
 SETUPS = ("perft_qlora", "hf-qlora", "hf-bf16")
 GIB = 2**30
@@ -97,7 +97,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-layers", type=int, default=None, help="cut the model to this many decoder layers")
     p.add_argument("--baseline", default="none", help=f"comma list of {', '.join(SETUPS[1:])}, or none")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "perft_qlora", "bench"))
+    p.add_argument("--cache-dir", default=CACHE_DIR)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one setup in this process
     return p
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(baselines) - set(SETUPS[1:]))
     if unknown:
         raise SystemExit(f"error: unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(SETUPS[1:])}")
-    name = args.arch + (f"-{args.num_layers}l" if args.num_layers else "")
-    path = write_random_checkpoint(arch_config(args.arch, args.num_layers), os.path.join(args.cache_dir, name))
+    path = cached_checkpoint(args.arch, args.num_layers, args.cache_dir)
+    name = os.path.basename(path)
     if args.only:
         print(json.dumps(measure_load(args.only, path, args.device)))
         return 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -24,7 +23,7 @@ from ..quant.host_memory import HostPeak
 from ..quant.loader import load_model
 from ..quant.sharding import ExpertShard
 from ..training.distributed import gather_from_ranks
-from .random_checkpoint import ARCHES, arch_config, write_random_checkpoint
+from .random_checkpoint import ARCHES, CACHE_DIR, cached_checkpoint
 
 GIB = 2**30
 
@@ -34,15 +33,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--arch", default="olmoe-1b-7b", choices=sorted(ARCHES))
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--mode", default="shard", choices=("shard", "whole"))
-    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "perft_qlora", "bench"))
+    p.add_argument("--cache-dir", default=CACHE_DIR)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    path = os.path.join(args.cache_dir, f"{args.arch}-{args.num_layers}l")
     if rank == 0:
-        write_random_checkpoint(arch_config(args.arch, args.num_layers), path, progress=False)
+        cached_checkpoint(args.arch, args.num_layers, args.cache_dir, progress=False)
     dist.barrier()
+    path = cached_checkpoint(args.arch, args.num_layers, args.cache_dir)  # written by rank 0: found, not rewritten
     shard = ExpertShard(rank, world, gather_from_ranks) if args.mode == "shard" else None
     start = time.perf_counter()
     with HostPeak() as peak:

@@ -47,6 +47,17 @@ def arch_config(arch: str, num_layers: int | None = None):
     return config
 
 
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "perft_qlora", "bench")
+"""The benchmarks' default ``--cache-dir``: random checkpoints are written there once and reused."""
+
+
+def cached_checkpoint(arch: str, num_layers: int | None = None, cache_dir: str = CACHE_DIR,
+                      progress: bool = True) -> str:
+    """The random checkpoint of ``arch`` (cut to ``num_layers``) in ``cache_dir/<arch>[-<N>l]``, written if absent."""
+    name = arch + (f"-{num_layers}l" if num_layers else "")
+    return write_random_checkpoint(arch_config(arch, num_layers), os.path.join(cache_dir, name), progress=progress)
+
+
 def _layer_of(name: str) -> str:
     match = re.match(r"model\.layers\.(\d+)\.", name)
     return f"layer{int(match.group(1)):03d}" if match else "other"

@@ -38,7 +38,7 @@ from ..cli import HelpFormatter
 from ..quant.load_report import LoadMeter
 from ..quant.memory import peak_memory_bytes
 from .isolate import run_each_in_own_process
-from .random_checkpoint import ARCHES, arch_config, write_random_checkpoint
+from .random_checkpoint import ARCHES, CACHE_DIR, cached_checkpoint
 
 SETUPS = ("perft_qlora", "hf-qlora", "hf-bf16", "bnb-param4")
 GIB = 2**30
@@ -191,7 +191,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed first steps (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where each setup trains: cuda, cuda:1, cpu ... (default: cuda when available, else cpu)")
-    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "perft_qlora", "bench"),
+    p.add_argument("--cache-dir", default=CACHE_DIR,
                    help="where the random-weight checkpoint is written once and reused (default: %(default)s)")
     p.add_argument("--out", default=None, help="write the results as JSON here (default: print only)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one setup in this process
@@ -206,9 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(baselines) - set(SETUPS[1:]))
     if unknown:
         raise SystemExit(f"error: unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(SETUPS[1:])}")
-    config = arch_config(args.arch, args.num_layers)
-    name = args.arch + (f"-{args.num_layers}l" if args.num_layers else "")
-    path = write_random_checkpoint(config, os.path.join(args.cache_dir, name))
+    path = cached_checkpoint(args.arch, args.num_layers, args.cache_dir)
+    name = os.path.basename(path)
     if args.only:
         print(json.dumps(run_setup(args.only, path, args)))
         return 0
