@@ -34,6 +34,7 @@ import sys
 from transformers import AutoConfig
 
 from ..evaluation.prompts import DEFAULT_TEMPLATE, get_template
+from ..method.adapters import recorded_training
 from ..quant.arch import get_arch
 from ..training.records import read_records
 from .analysis import analyze, read_adapter_spec
@@ -86,8 +87,7 @@ def projection_method(choice: str) -> str:
 def training_template(adapters: list) -> str:
     """The prompt template the adapters were trained with (``extra.training.template`` in their
     ``adapter_config.json``; ``released`` where unrecorded or with no adapter); the first adapter's if they differ."""
-    trained = [((s.metadata.get("extra") or {}).get("training") or {}).get("template") or DEFAULT_TEMPLATE
-               for s in adapters]
+    trained = [recorded_training(s.metadata).get("template") or DEFAULT_TEMPLATE for s in adapters]
     if len(set(trained)) > 1:
         named = ", ".join(f"{s.name}: {t}" for s, t in zip(adapters, trained))
         print(f"warning: the adapters were trained with different templates ({named}); --data is routed in "

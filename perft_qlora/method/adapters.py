@@ -19,10 +19,15 @@ model, step), which peft's ``adapter_config.json`` has no field for. A PERFT ada
 its own config (``extra.training``)."""
 
 
+def recorded_training(adapter_config: dict) -> dict:
+    """The training record inside a PERFT adapter's ``adapter_config.json`` (``extra.training``); {} if none."""
+    return (adapter_config.get("extra") or {}).get("training") or {}
+
+
 def training_record(directory: str) -> dict:
     """What ``python -m perft_qlora.train`` recorded about the adapter in ``directory``; {} when nothing was."""
     if adapter_kind(directory) == "perft":
-        return (read_adapter_config(directory).get("extra") or {}).get("training") or {}
+        return recorded_training(read_adapter_config(directory))
     path = os.path.join(directory, TRAINING_NAME)
     if not os.path.isfile(path):
         return {}
@@ -31,7 +36,7 @@ def training_record(directory: str) -> dict:
             record = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"{path} is corrupt: {err}") from err
-    return record.get("training") or {} if isinstance(record, dict) else {}
+    return (record.get("training") or {}) if isinstance(record, dict) else {}
 
 
 def write_training_record(directory: str, training: dict) -> None:

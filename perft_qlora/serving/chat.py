@@ -24,7 +24,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from ..evaluation.prompts import DEFAULT_TEMPLATE, get_template
-from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter, training_record
+from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter, recorded_training, training_record
 from ..method.checkpoint import (
     AdapterError,
     adapter_parameters,
@@ -130,8 +130,7 @@ class _Adapter:
     @property
     def template(self) -> str:
         """The prompt template the adapter was trained with (recorded by training), else the default."""
-        training = (self.metadata.get("extra") or {}).get("training") or {}
-        return training.get("template") or DEFAULT_TEMPLATE
+        return recorded_training(self.metadata).get("template") or DEFAULT_TEMPLATE
 
     @property
     def knobs(self) -> dict:
