@@ -12,7 +12,7 @@ by a formula (an estimate, not yet checked against a measured ``bench train`` GP
 
 from __future__ import annotations
 
-from .. import cli  # noqa: F401  first: quiets bitsandbytes' import-time notice (cli.py)
+from ..cli import positive_int  # first: quiets bitsandbytes' import-time notice (cli.py)
 
 # isort: split
 import argparse
@@ -313,7 +313,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (the recipe's 256)")
     parser.add_argument("--adapter-dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--no-double-quant", action="store_true", help="plain float32 NF4 scales")
-    parser.add_argument("--gpus", type=int, default=1,
+    parser.add_argument("--gpus", type=positive_int, default=1,
                         help="shard over this many GPUs with FSDP2 (examples/accelerate/fsdp.yaml); totals are per GPU")
     return parser
 
@@ -323,8 +323,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     num_experts = args.num_experts if args.num_experts is not None or args.variant not in ("perft", "perft_d") else 4
     top_k = args.top_k if args.top_k is not None or args.variant != "perft" else 2
-    if args.gpus < 1:
-        parser.error(f"--gpus {args.gpus}: give at least 1")
     try:
         perft_config = PerftConfig(variant=args.variant, num_experts=num_experts, top_k=top_k, bottleneck=args.bottleneck)
         names = [n for m in args.model for n in (KNOWN_MODELS if m == "all" else [m])]

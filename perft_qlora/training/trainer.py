@@ -124,12 +124,8 @@ class PerftSFTTrainer(SFTTrainer):
         super().log(logs, start_time)
 
     # ---- checkpoints ----------------------------------------------------------------------------------
-    def _sharded_perft(self):
-        """The PERFT model when FSDP shards it (adapter-only checkpoints of whole tensors), else None."""
-        return _perft_model(self.model) if self.is_fsdp_enabled else None
-
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if self._sharded_perft() is None:
+        if not self.is_fsdp_enabled or _perft_model(self.model) is None:
             return super().save_model(output_dir, _internal_call)
         # The Trainer's FSDP branch would gather the whole model, 4-bit storage included, onto rank 0.
         self._save(output_dir or self.args.output_dir)
