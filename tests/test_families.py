@@ -13,6 +13,7 @@ import pytest
 import torch
 from alloc_tracker import AllocationTracker
 from safetensors.torch import save_file
+from test_model import _randomize_adapters
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -37,14 +38,6 @@ SIGMOID = ("deepseek_v3", "glm4_moe")  # DeepSeek-V3's router: float32, sigmoid 
 
 def _reference(directory):
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
-
-
-def _randomize_adapters(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
 def _dense_linears(model) -> list[str]:
