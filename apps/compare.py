@@ -11,9 +11,6 @@ serves on 127.0.0.1 unless ``--host`` says otherwise.
 
 from __future__ import annotations
 
-from perft_qlora import cli  # first: quiets bitsandbytes' import-time notice (see perft_qlora/cli.py)
-
-# isort: split
 import argparse
 import html
 import os
@@ -21,6 +18,7 @@ import sys
 
 import gradio as gr
 
+from perft_qlora import cli
 from perft_qlora.analysis.analysis_report import adapter_analysis_markdown
 from perft_qlora.serving.chat import (
     BASE,

@@ -4,12 +4,16 @@
   safetensors, a hub name that does not resolve, out of memory) end as one line, ``error: <what and the fix>``,
   and exit status 1. ``--debug`` or ``PERFT_QLORA_DEBUG=1`` re-raises them with the traceback instead.
 - Ctrl-C ends as one line saying what was saved and how to resume (exit status 130).
-- Importing this module, which only the entry points do, and before anything imports bitsandbytes, filters
-  bitsandbytes' import-time notice "Failed to load CPU gemm_4bit_forward from kernels-community ..." (an
-  optional CPU kernel package; the fallback it uses is what we test against) at its source logger. Library
-  users importing ``perft_qlora`` see bitsandbytes' logging unchanged.
+- ``quiet_library_notices()``, called by each ``python -m`` entry point's ``main()`` before it imports the
+  command (and so bitsandbytes), filters bitsandbytes' import-time notice "Failed to load CPU gemm_4bit_forward
+  from kernels-community ..." (an optional CPU kernel package; the fallback it uses is what we test against)
+  at its source logger. Library users importing ``perft_qlora`` see bitsandbytes' logging unchanged.
+- The options every command shares: ``HelpFormatter``, ``positive_int``, ``add_debug_option``.
 
-Usage in an entry module::
+This module sits at the bottom of the package beside ``errors.py``: it imports nothing else from it, and
+the error path catches :class:`~perft_qlora.errors.PerftQloraError`, the base of every package's errors.
+
+Usage in a command::
 
     def main(argv=None):
         args = parse_args(argv)
@@ -26,13 +30,11 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from .errors import PerftQloraError
+
 DEBUG_ENV = "PERFT_QLORA_DEBUG"
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 _BNB_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
-
-
-class UsageError(ValueError):
-    """A bad option value, file or directory found before any model loads; the message names the fix."""
 
 
 class _DropNotice(logging.Filter):
@@ -47,7 +49,13 @@ def quiet_library_notices() -> None:
         logger.addFilter(_DropNotice())
 
 
-quiet_library_notices()
+def run_command(module: str, argv: list[str] | None = None):
+    """A ``python -m`` entry point's ``main``: quiet the notice above, then import ``module`` and call its
+    ``main(argv)`` (imported here, after the filter, because bitsandbytes logs its notice when first imported)."""
+    import importlib
+
+    quiet_library_notices()
+    return importlib.import_module(module).main(argv)
 
 
 def debug_requested(flag: bool = False) -> bool:
@@ -79,20 +87,13 @@ def add_debug_option(parser) -> None:
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by the user's input or machine rather than by a bug (imported lazily: see module doc)."""
+    """Errors caused by the user's input or machine rather than by a bug: ours, and the libraries' for a file
+    that cannot be read and a device out of memory (torch and safetensors imported here, when an error is
+    being handled, so that ``--help`` and the planner stay light)."""
     import torch
     from safetensors import SafetensorError
 
-    from .evaluation.predictions import PredictionsError
-    from .evaluation.prompts import TemplateError
-    from .evaluation.tasks import TaskError
-    from .method.checkpoint import AdapterError
-    from .quant.arch import UnsupportedArchitectureError
-    from .training.backends import BackendUnavailableError
-    from .training.records import DataError
-
-    return (UsageError, DataError, AdapterError, TaskError, PredictionsError, TemplateError,
-            UnsupportedArchitectureError, BackendUnavailableError, SafetensorError, OSError, torch.OutOfMemoryError)
+    return (PerftQloraError, SafetensorError, OSError, torch.OutOfMemoryError)
 
 
 def one_line(error: BaseException) -> str:

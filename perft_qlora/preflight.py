@@ -11,7 +11,7 @@ import json
 import os
 import re
 
-from .cli import UsageError
+from .errors import UsageError
 from .method.config import PerftConfig
 from .quant.arch import ARCHITECTURES, get_arch
 

@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 
 from perft_qlora import load_model, memory_report
 from perft_qlora.bench import train as bench_train
+from perft_qlora.errors import UsageError
 from perft_qlora.bench.random_checkpoint import arch_config, write_random_checkpoint
 
 
@@ -69,5 +70,5 @@ def test_harness_runs_every_setup_and_writes_json(tmp_path, capsys):
 
 
 def test_unknown_baseline_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="unknown baseline"):
+    with pytest.raises(UsageError, match="unknown baseline"):
         bench_train.main(["--baseline", "hf-int8", "--cache-dir", str(tmp_path)])

@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from perft_qlora import PerftConfig, attach_perft, load_model, save_adapter
-from perft_qlora.cli import BNB_CPU_LOGGER, DEBUG_ENV, UsageError
+from perft_qlora.cli import BNB_CPU_LOGGER, DEBUG_ENV
+from perft_qlora.errors import UsageError
 from perft_qlora.evaluation import evaluate
 from perft_qlora.method.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from perft_qlora.training import train

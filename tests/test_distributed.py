@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from perft_qlora.errors import UsageError
 from perft_qlora.method.checkpoint import WEIGHTS_NAME
 from perft_qlora.quant.nf4 import NF4Weight
 from perft_qlora.training import distributed
@@ -330,10 +331,10 @@ def test_each_rank_loads_onto_its_own_gpu(two_gpu_rank_1, monkeypatch):
     assert distributed.rank_device("cuda") == "cuda:1"
     assert two_gpu_rank_1 == [1]
     assert distributed.rank_device("cpu") == "cpu"
-    with pytest.raises(SystemExit, match="same GPU; pass --device cuda"):
+    with pytest.raises(UsageError, match="same GPU; pass --device cuda"):
         distributed.rank_device("cuda:0")
     monkeypatch.setenv("LOCAL_RANK", "2")
-    with pytest.raises(SystemExit, match="LOCAL_RANK 2 has no GPU of its own"):
+    with pytest.raises(UsageError, match="LOCAL_RANK 2 has no GPU of its own"):
         distributed.rank_device("cuda")
 
 
@@ -370,7 +371,7 @@ def test_global_batch_must_divide_over_ranks_and_accumulation(monkeypatch):
     assert args.batch_size == 4
     monkeypatch.setenv("WORLD_SIZE", "3")
     args = parse_args(["--model", "m", "--data", "d.json", "--global-batch-size", "16"])
-    with pytest.raises(SystemExit, match=r"^error: --global-batch-size 16 is not divisible by 3 rank\(s\)"):
+    with pytest.raises(UsageError, match=r"^--global-batch-size 16 is not divisible by 3 rank\(s\)"):
         distributed.resolve_global_batch(args)
 
 
@@ -381,17 +382,17 @@ def test_ranks_with_different_options_are_refused(monkeypatch):
     assert distributed.options_fingerprint(one) == distributed.options_fingerprint(same)
     prints = [distributed.options_fingerprint(a) for a in (one, one, other)]
     distributed.check_same_options(prints[:2])
-    with pytest.raises(SystemExit, match=r"^error: the ranks were started with different options .*ranks \[2\]"):
+    with pytest.raises(UsageError, match=r"^the ranks were started with different options .*ranks \[2\]"):
         distributed.check_same_options(prints)
 
 
 def test_options_an_engine_cannot_run_fail_with_one_line(monkeypatch):
     args = parse_args(["--model", "m", "--data", "d.json", "--backend", "unsloth"])
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="^error: --backend unsloth runs in one process only"):
+    with pytest.raises(UsageError, match="^--backend unsloth runs in one process only"):
         distributed.check_engine(args)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(SystemExit, match="^error: DeepSpeed is not supported"):
+    with pytest.raises(UsageError, match="^DeepSpeed is not supported"):
         distributed.check_engine(args)
 
 
@@ -452,17 +453,17 @@ def test_float_scales_stay_replicated_buffers():
 
 
 @pytest.mark.parametrize(("env", "extra", "message"), [
-    ({"FSDP_VERSION": "1"}, [], "^error: FSDP version 1 is not supported, only FSDP2"),
-    ({}, ["--variant", "lora"], "^error: --variant lora is not supported under FSDP"),
-    ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, [], "^error: fsdp_activation_checkpointing and --gradient-checkpointing"),
-    ({"FSDP_OFFLOAD_PARAMS": "true"}, [], "^error: fsdp_offload_params is not supported"),
+    ({"FSDP_VERSION": "1"}, [], "^FSDP version 1 is not supported, only FSDP2"),
+    ({}, ["--variant", "lora"], "^--variant lora is not supported under FSDP"),
+    ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, [], "^fsdp_activation_checkpointing and --gradient-checkpointing"),
+    ({"FSDP_OFFLOAD_PARAMS": "true"}, [], "^fsdp_offload_params is not supported"),
 ])
 def test_what_fsdp_cannot_run_fails_with_one_line(monkeypatch, env, extra, message):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(UsageError, match=message):
         distributed.check_engine(parse_args(["--model", "m", "--data", "d.json", *extra]))
 
 

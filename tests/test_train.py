@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from perft_qlora import load_adapter, load_model
-from perft_qlora.cli import UsageError
+from perft_qlora.errors import UsageError
 from perft_qlora.method.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from perft_qlora.training.backends import BackendUnavailableError, get_backend
 from perft_qlora.training.train import main, run
@@ -220,7 +220,7 @@ def test_config_file_accepts_json_and_demo_and_rejects_unknown_keys(tmp_path):
     assert args.demo and args.max_steps == 7 and args.learning_rate == DEMO_PRESETS["learning_rate"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rat: 1e-5\n")
-    with pytest.raises(SystemExit, match="unknown option.*learning_rat"):
+    with pytest.raises(UsageError, match="unknown option.*learning_rat"):
         parse_args(["--config", str(bad)])
 
 

@@ -17,14 +17,6 @@ adapter, where the comparison app's info panel finds it.
 
 from __future__ import annotations
 
-from ..cli import (  # first: quiets bitsandbytes' import-time notice (cli.py)
-    UsageError,
-    add_debug_option,
-    error_path,
-    positive_int,
-)
-
-# isort: split
 import argparse
 import importlib.util
 import os
@@ -33,6 +25,8 @@ import sys
 
 from transformers import AutoConfig
 
+from ..cli import add_debug_option, error_path, positive_int
+from ..errors import UsageError
 from ..evaluation.prompts import DEFAULT_TEMPLATE, get_template
 from ..method.adapters import recorded_training
 from ..quant.arch import get_arch

@@ -7,12 +7,11 @@ one ``error:`` line (``--debug`` for the traceback); ``kernels --smoke`` on a ma
 
 from __future__ import annotations
 
-from ..cli import error_path  # first: quiets bitsandbytes' import-time notice (see cli.py)
-
-# isort: split
 import importlib
 import os
 import sys
+
+from ..cli import error_path, quiet_library_notices
 
 COMMANDS = {
     "kernels": ("perft_qlora.bench.kernels", "fused NF4 expert MLP and routed adapter vs grouped_mm baselines"),
@@ -49,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     _interpret_triton_on_cpu(argv[0], argv[1:])
+    quiet_library_notices()  # before the command's module imports bitsandbytes, which logs its notice then
     with error_path(debug, on_interrupt=lambda: "nothing was saved (results are written when a run finishes)"):
         module = importlib.import_module(COMMANDS[argv[0]][0])
         return module.main(argv[1:])

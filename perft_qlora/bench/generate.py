@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from ..errors import UsageError
 from .random_checkpoint import ARCHES, CACHE_DIR, cached_checkpoint
 
 BACKENDS = ("auto", "grouped", "triton", "reference")
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     unknown = sorted(set(args.backends.split(",")) - set(BACKENDS))
     if unknown:
-        raise SystemExit(f"error: unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+        raise UsageError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
     result = run(args)
     print(render(result))
     if args.out:

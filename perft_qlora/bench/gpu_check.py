@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UsageError
+
 SMOKE_TIMEOUT = 300
 """Seconds per stage in a smoke run: CPU interpreter runs on a shared CI machine, not a measurement."""
 PACKAGES = ("torch", "triton", "bitsandbytes", "transformers", "trl", "peft", "accelerate", "datasets", "dill",
@@ -200,7 +202,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
-        raise SystemExit("gpu-check needs a CUDA GPU; --smoke runs the same stages on CPU at tiny shapes")
+        raise UsageError("gpu-check needs a CUDA GPU; --smoke runs the same stages on CPU at tiny shapes")
     budget = args.budget or (1500.0 if args.smoke else 480.0)
     os.makedirs(args.out, exist_ok=True)
     out = os.path.abspath(args.out)

@@ -27,6 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
 from ..cli import HelpFormatter
 from ..kernels import (
     backend_choices,
@@ -250,16 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
-        raise SystemExit("the kernel benchmark needs a CUDA GPU; --smoke checks this script on CPU (TRITON_INTERPRET=1)")
+        raise UsageError("the kernel benchmark needs a CUDA GPU; --smoke checks this script on CPU (TRITON_INTERPRET=1)")
     if device.type != "cuda":
         from ..kernels.triton_common import INTERPRETED
 
         if not INTERPRETED:
-            raise SystemExit("--smoke on CPU runs Triton's interpreter: TRITON_INTERPRET=1 python -m perft_qlora.bench kernels --smoke")
+            raise UsageError("--smoke on CPU runs Triton's interpreter: TRITON_INTERPRET=1 python -m perft_qlora.bench kernels --smoke")
     models = ["smoke"] if args.smoke else [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in SHAPES]
     if unknown:
-        raise SystemExit(f"unknown model shape(s) {unknown}: choose from olmoe, mixtral")
+        raise UsageError(f"unknown model shape(s) {unknown}: choose from olmoe, mixtral")
     tokens = [7] if args.smoke else [int(t) for t in args.tokens.split(",")]
     dtype = torch.float32 if device.type != "cuda" else torch.bfloat16  # interpreter: no bf16 tl.dot
     rows = []

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from ..errors import UsageError
 from ..quant.host_memory import HostPeak
 from .isolate import run_each_in_own_process
 from .random_checkpoint import ARCHES, CACHE_DIR, cached_checkpoint
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     baselines = [] if args.baseline == "none" else [b.strip() for b in args.baseline.split(",") if b.strip()]
     unknown = sorted(set(baselines) - set(SETUPS[1:]))
     if unknown:
-        raise SystemExit(f"error: unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(SETUPS[1:])}")
+        raise UsageError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(SETUPS[1:])}")
     path = cached_checkpoint(args.arch, args.num_layers, args.cache_dir)
     name = os.path.basename(path)
     if args.only:

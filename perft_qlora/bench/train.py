@@ -35,6 +35,7 @@ import time
 import torch
 
 from ..cli import HelpFormatter
+from ..errors import UsageError
 from ..quant.load_report import LoadMeter
 from ..quant.memory import peak_memory_bytes
 from .isolate import run_each_in_own_process
@@ -201,11 +202,11 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
-        raise SystemExit("error: --steps must be >= 1 and --warmup >= 0")
+        raise UsageError("--steps must be >= 1 and --warmup >= 0")
     baselines = [] if args.baseline == "none" else [b.strip() for b in args.baseline.split(",") if b.strip()]
     unknown = sorted(set(baselines) - set(SETUPS[1:]))
     if unknown:
-        raise SystemExit(f"error: unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(SETUPS[1:])}")
+        raise UsageError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(SETUPS[1:])}")
     path = cached_checkpoint(args.arch, args.num_layers, args.cache_dir)
     name = os.path.basename(path)
     if args.only:

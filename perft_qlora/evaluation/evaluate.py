@@ -13,17 +13,12 @@ arc-c obqa addsub multiarith singleeq gsm8k aqua svamp demo; groups: commonsense
 
 from __future__ import annotations
 
-from ..cli import (  # first: quiets bitsandbytes' import-time notice (see cli.py)
-    add_debug_option,
-    error_path,
-    positive_int,
-)
-
-# isort: split
 import argparse
 import os
 import sys
 from dataclasses import dataclass
+
+from ..cli import add_debug_option, error_path, positive_int
 
 from .. import AdapterError, __version__, load_model
 from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter, training_record

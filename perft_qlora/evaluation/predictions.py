@@ -11,6 +11,8 @@ import json
 import logging
 import os
 
+from ..errors import PerftQloraError
+
 logger = logging.getLogger(__name__)
 
 FIELDS = ("model", "task", "row", "prompt", "generated", "response", "extracted", "gold", "correct")
@@ -19,7 +21,7 @@ generated continuation, the scored response (text after ``### Response:``, prefi
 answer (``[invalid]`` when none), the gold answer and whether they match."""
 
 
-class PredictionsError(ValueError):
+class PredictionsError(PerftQloraError):
     """A predictions file that cannot be resumed or would be overwritten."""
 
 

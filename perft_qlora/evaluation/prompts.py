@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..errors import PerftQloraError
+
 RESPONSE_MARKER = "### Response:"
 
 _HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -83,7 +85,7 @@ TEMPLATES: dict[str, Template] = {
 DEFAULT_TEMPLATE = "released"
 
 
-class TemplateError(ValueError):
+class TemplateError(PerftQloraError):
     """An unknown template name."""
 
 

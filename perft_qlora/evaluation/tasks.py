@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..errors import PerftQloraError
 from ..training.demo_data import demo_data_path
 from ..training.records import DataError, read_records
 from . import extract
@@ -20,7 +21,7 @@ from . import extract
 ANSWER_LETTERS = ("A", "B", "C", "D", "E")
 
 
-class TaskError(ValueError):
+class TaskError(PerftQloraError):
     """An unknown task name, or a task whose test file cannot be found."""
 
 

@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ..errors import PerftQloraError
 from .. import __version__
 from ..quant.arch import decoder_layers, get_arch
 from ..training.model_card import CARD_NAME
@@ -26,7 +27,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 
 
-class AdapterError(ValueError):
+class AdapterError(PerftQloraError):
     """An adapter directory that cannot be used with this model."""
 
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
+from ..errors import PerftQloraError
 
-class UnsupportedArchitectureError(ValueError):
+
+class UnsupportedArchitectureError(PerftQloraError):
     """The model family has no entry in :data:`ARCHITECTURES`."""
 
 

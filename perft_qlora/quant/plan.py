@@ -12,9 +12,6 @@ by a formula (an estimate, not yet checked against a measured ``bench train`` GP
 
 from __future__ import annotations
 
-from ..cli import positive_int  # first: quiets bitsandbytes' import-time notice (cli.py)
-
-# isort: split
 import argparse
 import json
 import os
@@ -25,6 +22,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..cli import positive_int
+from ..errors import PerftQloraError
 from ..method.config import PerftConfig
 from ..method.variants import BlockFacts, build_adapter
 from .arch import ARCHITECTURES, decoder_layers
@@ -46,7 +45,7 @@ RUNTIME_ALLOWANCE = 2**30
 GIB = 2**30
 
 
-class PlanError(ValueError):
+class PlanError(PerftQloraError):
     """The --model argument names no config this planner can read."""
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from ..errors import PerftQloraError
 from ..evaluation.prompts import DEFAULT_TEMPLATE, get_template
 from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter, recorded_training, training_record
 from ..method.checkpoint import (
@@ -48,7 +49,7 @@ Expert = tuple[int, float]
 """(expert id, gate weight)."""
 
 
-class ChatError(ValueError):
+class ChatError(PerftQloraError):
     """A request the chat model cannot serve (bad settings, no chat template, unknown adapter, ...)."""
 
 

@@ -12,8 +12,10 @@ from typing import Callable
 
 import torch
 
+from ..errors import PerftQloraError
 
-class BackendUnavailableError(RuntimeError):
+
+class BackendUnavailableError(PerftQloraError, RuntimeError):
     """The requested backend cannot run on this machine."""
 
 

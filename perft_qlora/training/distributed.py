@@ -36,6 +36,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..errors import UsageError
 from ..method.model import iter_perft_blocks
 from ..method.stats import balance_log
 from ..quant.sharding import ExpertShard
@@ -70,14 +71,14 @@ def rank_device(requested: str | None) -> str:
     if device.type != "cuda" or world_size() == 1:
         return requested
     if device.index is not None:
-        raise SystemExit(
-            f"error: --device {requested} would put all {world_size()} ranks on the same GPU; pass --device cuda "
+        raise UsageError(
+            f"--device {requested} would put all {world_size()} ranks on the same GPU; pass --device cuda "
             "(each rank then takes cuda:LOCAL_RANK)"
         )
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if local_rank() >= count:
-        raise SystemExit(
-            f"error: rank with LOCAL_RANK {local_rank()} has no GPU of its own ({count} visible on this node); "
+        raise UsageError(
+            f"rank with LOCAL_RANK {local_rank()} has no GPU of its own ({count} visible on this node); "
             f"launch at most {count} processes per node, or --device cpu"
         )
     torch.cuda.set_device(local_rank())
@@ -91,8 +92,8 @@ def resolve_global_batch(args: argparse.Namespace) -> None:
         return
     per_step = world_size() * args.grad_accum
     if total % per_step:
-        raise SystemExit(
-            f"error: --global-batch-size {total} is not divisible by {world_size()} rank(s) x --grad-accum "
+        raise UsageError(
+            f"--global-batch-size {total} is not divisible by {world_size()} rank(s) x --grad-accum "
             f"{args.grad_accum} = {per_step}; pick a multiple of {per_step} or change the process count"
         )
     args.batch_size = total // per_step
@@ -104,10 +105,10 @@ def check_engine(args: argparse.Namespace) -> None:
     if engine == "fsdp":
         check_fsdp(args)
     if engine == "deepspeed":
-        raise SystemExit("error: DeepSpeed is not supported; launch with --config_file examples/accelerate/ddp.yaml "
+        raise UsageError("DeepSpeed is not supported; launch with --config_file examples/accelerate/ddp.yaml "
                          "(or fsdp.yaml to shard the model)")
     if world_size() > 1 and args.backend == "unsloth":
-        raise SystemExit("error: --backend unsloth runs in one process only; drop it or launch a single process")
+        raise UsageError("--backend unsloth runs in one process only; drop it or launch a single process")
 
 
 def check_fsdp(args: argparse.Namespace) -> None:
@@ -115,16 +116,16 @@ def check_fsdp(args: argparse.Namespace) -> None:
     env = os.environ.get
     fix = "; see examples/accelerate/fsdp.yaml"
     if env("FSDP_VERSION", "1") != "2":
-        raise SystemExit(f"error: FSDP version {env('FSDP_VERSION', '1')} is not supported, only FSDP2: set "
+        raise UsageError(f"FSDP version {env('FSDP_VERSION', '1')} is not supported, only FSDP2: set "
                          f"fsdp_version: 2 in the accelerate config{fix}")
     if args.variant == "lora":
-        raise SystemExit("error: --variant lora is not supported under FSDP (its peft checkpoints would gather the "
+        raise UsageError("--variant lora is not supported under FSDP (its peft checkpoints would gather the "
                          "whole 4-bit model); train it data parallel (examples/accelerate/ddp.yaml) or on one GPU")
     if env("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true" and args.gradient_checkpointing:
-        raise SystemExit("error: fsdp_activation_checkpointing and --gradient-checkpointing both recompute layers: "
+        raise UsageError("fsdp_activation_checkpointing and --gradient-checkpointing both recompute layers: "
                          f"set fsdp_activation_checkpointing: false (train's --gradient-checkpointing does it){fix}")
     if env("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
-        raise SystemExit(f"error: fsdp_offload_params is not supported (untested with the NF4 storage): set it to "
+        raise UsageError(f"fsdp_offload_params is not supported (untested with the NF4 storage): set it to "
                          f"false{fix}")
 
 
@@ -177,8 +178,8 @@ def check_same_options(fingerprints: list[str]) -> None:
         for rank, value in enumerate(fingerprints):
             groups.setdefault(value, []).append(rank)
         detail = "; ".join(f"ranks {ranks}: {value}" for value, ranks in groups.items())
-        raise SystemExit(
-            f"error: the ranks were started with different options (fingerprints {detail}); give every node the "
+        raise UsageError(
+            f"the ranks were started with different options (fingerprints {detail}); give every node the "
             "same command line and --config file"
         )
 

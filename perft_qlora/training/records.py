@@ -11,10 +11,12 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from ..errors import PerftQloraError
+
 FIELDS = ("instruction", "input", "output", "answer")
 
 
-class DataError(ValueError):
+class DataError(PerftQloraError):
     """A data source that cannot be used at all (missing, unreadable, or without one valid row)."""
 
 

@@ -16,9 +16,6 @@ the shipped pre-trained base is copied to ``<output-dir>/base/`` and a before/af
 
 from __future__ import annotations
 
-from ..cli import UsageError, error_path  # first: quiets bitsandbytes' import-time notice (cli.py)
-
-# isort: split
 import argparse
 import glob
 import json
@@ -30,6 +27,8 @@ import torch
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..cli import error_path
+from ..errors import UsageError
 from ..method.model import attach_perft, parameter_report
 from ..preflight import check_output_dir, check_perft_config, check_schedule, model_config
 from ..quant.arch import get_arch
@@ -185,7 +184,9 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None
 
 def main(argv: list[str] | None = None) -> None:
     """The command line: bad input ends as one ``error:`` line and exit status 1 (``cli.error_path``)."""
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with error_path("--debug" in argv):  # a --config file that cannot be used
+        args = parse_args(argv)
     with error_path(args.debug, on_interrupt=lambda: interrupted_message(args)):
         from datasets.utils.logging import disable_progress_bar
 

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from ..errors import UsageError
 from ..cli import HelpFormatter, add_debug_option
 from ..method.config import PerftConfig
 from .demo_data import demo_data_path
@@ -114,7 +115,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     if not os.path.isfile(path):
-        raise SystemExit(f"error: config file {path} does not exist")
+        raise UsageError(f"config file {path} does not exist")
     with open(path, encoding="utf-8") as handle:
         if path.endswith(".json"):
             values = json.load(handle)
@@ -123,12 +124,12 @@ def _read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
 
             values = yaml.safe_load(handle) or {}
     if not isinstance(values, dict):
-        raise SystemExit(f"error: {path} must hold a mapping of option names to values")
+        raise UsageError(f"{path} must hold a mapping of option names to values")
     known = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     values = {key.replace("-", "_"): value for key, value in values.items()}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise SystemExit(f"error: unknown option(s) in {path}: {', '.join(unknown)}; see --help for the names")
+        raise UsageError(f"unknown option(s) in {path}: {', '.join(unknown)}; see --help for the names")
     for key, value in values.items():  # list-valued options may be written as "a,b" in the file, like on the CLI
         if isinstance(value, str) and known[key].type in (_int_list, _str_list):
             values[key] = known[key].type(value)
