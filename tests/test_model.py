@@ -18,7 +18,7 @@ from perft_qlora import (
     routing_stats,
 )
 from perft_qlora.method.layer import PerftMoEBlock
-from perft_qlora.training.tiny import FAMILY_TINY
+from perft_qlora.quant.arch import ARCHITECTURES
 
 ARCHS = ("olmoe", "mixtral")
 CONFIGS = {
@@ -43,7 +43,7 @@ def _randomize_adapters(model, seed=0):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
-@pytest.mark.parametrize("arch", ARCHS + tuple(sorted(FAMILY_TINY)))  # every family (the rest: test_families.py)
+@pytest.mark.parametrize("arch", tuple(ARCHITECTURES))  # every family (the rest: test_families.py)
 @pytest.mark.parametrize("variant", CONFIGS)
 def test_attached_model_equals_base_model_at_init(tiny_nf4, arch, variant, token_batch):
     model, _ = tiny_nf4(arch)

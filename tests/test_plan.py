@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from perft_qlora import PerftConfig, attach_perft, load_model, memory_report
 from perft_qlora.bench.random_checkpoint import write_random_checkpoint
+from perft_qlora.quant.arch import ARCHITECTURES, PLANNED_ONLY
 from perft_qlora.quant.footprint import weight_footprint
 from perft_qlora.quant.plan import KNOWN_MODELS, activation_bytes, main, make_plan, moe_facts, read_config
 from perft_qlora.quant.sharding import shardable_storage
@@ -73,6 +76,14 @@ def test_shipped_configs_are_the_published_models():
         _, config = read_config(name)
         count = sum(p.numel() for p in _meta(config).parameters())
         assert abs(count / 1e9 - billions) < 0.06, (name, count)
+
+
+def test_each_shipped_config_is_its_registry_family():
+    families = [*((t, a.shipped) for t, a in ARCHITECTURES.items() if a.shipped), *PLANNED_ONLY.items()]
+    assert [shipped.name for _, shipped in families] == list(KNOWN_MODELS)
+    for model_type, shipped in families:
+        assert json.loads(shipped.path.read_text())["model_type"] == model_type, shipped.name
+    assert not set(PLANNED_ONLY) & set(ARCHITECTURES)  # planned only: load_model refuses these families
 
 
 def test_qwen3_30b_fits_a_24gb_gpu_with_perft(capsys):

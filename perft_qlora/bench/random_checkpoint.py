@@ -13,28 +13,34 @@ import hashlib
 import json
 import os
 import re
+from functools import partial
 
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..quant.arch import ARCHITECTURES, MoEArch
 from ..training.tiny import build_byte_tokenizer, tiny_config
 
-# The published configurations (allenai/OLMoE-1B-7B-0924, mistralai/Mixtral-8x7B-v0.1), shapes only.
+SHAPE_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "num_experts_per_tok", "max_position_embeddings", "rope_theta", "tie_word_embeddings",
+)
+"""What a random checkpoint takes from a shipped config, with the family's expert count; the rest stays default."""
+
+
+def shipped_shape(arch: MoEArch):
+    """``arch``'s shipped config (``perft_qlora/configs``) cut to its shapes."""
+    data = json.loads(arch.shipped.path.read_text())
+    return AutoConfig.for_model(arch.model_type, **{key: data[key] for key in (*SHAPE_KEYS, arch.num_experts_attr)})
+
+
 ARCHES = {
-    "olmoe-1b-7b": lambda: OlmoeConfig(
-        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
-        num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096,
-        rope_theta=10000.0, clip_qkv=None, tie_word_embeddings=False,
-    ),
-    "mixtral-8x7b": lambda: MixtralConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
-        rope_theta=1e6, tie_word_embeddings=False,
-    ),
-    "tiny": lambda: tiny_config("olmoe"),
+    **{a.shipped.name: partial(shipped_shape, a) for a in ARCHITECTURES.values() if a.shipped and a.shipped.bench},
+    "tiny": partial(tiny_config, "olmoe"),
 }
+"""``--arch`` -> its config: the registry's benchmarked shipped configs (public shapes), and a tiny OLMoE."""
 
 
 def arch_config(arch: str, num_layers: int | None = None):

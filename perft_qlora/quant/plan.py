@@ -26,19 +26,11 @@ from ..cli import positive_int
 from ..errors import PerftQloraError
 from ..method.config import PerftConfig
 from ..method.variants import BlockFacts, build_adapter
-from .arch import ARCHITECTURES, decoder_layers
+from .arch import ARCHITECTURES, SHIPPED_CONFIGS, decoder_layers
 from .footprint import Footprint, layer_footprints, weight_footprint
 
-CONFIG_DIR = Path(__file__).parent.parent / "configs"  # perft_qlora/configs
-KNOWN_MODELS = {
-    "olmoe-1b-7b": "allenai/OLMoE-1B-7B-0924",
-    "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1",
-    "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
-    "qwen1.5-moe-a2.7b": "Qwen/Qwen1.5-MoE-A2.7B",
-    "moonlight-16b-a3b": "moonshotai/Moonlight-16B-A3B",
-    "gpt-oss-20b": "openai/gpt-oss-20b",
-}
-"""Short name -> hub model whose public config.json is shipped as ``configs/<short name>.json``."""
+KNOWN_MODELS = {name: shipped.hub_id for name, shipped in SHIPPED_CONFIGS.items()}
+"""Short name -> hub model whose public config.json is shipped as ``configs/<short name>.json`` (the registry's)."""
 GPU_SIZES_GB = (24, 40, 48, 80)
 RUNTIME_ALLOWANCE = 2**30
 """CUDA context and allocator slack added to every total: 1 GiB, an assumption, not a measurement."""
@@ -54,7 +46,7 @@ def read_config(model: str):
     by_hub = {hub.lower(): short for short, hub in KNOWN_MODELS.items()}
     short = model if model in KNOWN_MODELS else by_hub.get(model.lower())
     if short is not None:
-        path, name = CONFIG_DIR / f"{short}.json", short
+        path, name = SHIPPED_CONFIGS[short].path, short
     elif os.path.isdir(model) and os.path.isfile(os.path.join(model, "config.json")):
         path, name = Path(model) / "config.json", model
     elif os.path.isfile(model):

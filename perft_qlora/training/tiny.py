@@ -1,5 +1,5 @@
-"""Tiny OLMoE / Mixtral / Qwen3-MoE / Qwen2-MoE / DeepSeek-V3 / GLM-4.5 models and a byte-level tokenizer,
-built locally (no download).
+"""Tiny models of every registered family (OLMoE, Mixtral, Qwen3-MoE, Qwen2-MoE, DeepSeek-V3, GLM-4.5) and a
+byte-level tokenizer, built locally (no download).
 
 Used by the tests (``--demo`` uses the pre-trained base of ``perft_qlora.training.demo_base``). Sizes are multiples
 of 64 so that every weight is a whole number of NF4 blocks per row, as in the real models.
@@ -11,16 +11,9 @@ import os
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (
-    AutoModelForCausalLM,
-    DeepseekV3Config,
-    Glm4MoeConfig,
-    MixtralConfig,
-    OlmoeConfig,
-    PreTrainedTokenizerFast,
-    Qwen2MoeConfig,
-    Qwen3MoeConfig,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from ..quant.arch import ARCHITECTURES
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
 WORD_TOKENS = ("true", "false")
@@ -43,56 +36,21 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-FAMILY_TINY = {
-    # Qwen3-30B-A3B's choices: softmax top-K renormalised (norm_topk_prob), experts narrower than the dense MLP.
-    "qwen3_moe": (Qwen3MoeConfig, dict(num_experts=8, moe_intermediate_size=64, norm_topk_prob=True)),
-    # Qwen1.5-MoE-A2.7B's: top-K weights not renormalised, a shared expert 4x an expert's width behind a sigmoid gate.
-    "qwen2_moe": (
-        Qwen2MoeConfig,
-        dict(num_experts=8, moe_intermediate_size=64, shared_expert_intermediate_size=256, norm_topk_prob=False),
-    ),
-    # Moonlight's choices at tiny size: sigmoid + bias, 2 groups of 4 experts (1 kept), renormalised then scaled,
-    # one shared expert, the first layer dense; MLA attention with its low-rank KV (no query compression).
-    "deepseek_v3": (
-        DeepseekV3Config,
-        dict(
-            n_routed_experts=8, moe_intermediate_size=64, n_shared_experts=1, n_group=2, topk_group=1,
-            routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1, num_hidden_layers=3,
-            kv_lora_rank=64, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
-            num_key_value_heads=4,
-        ),
-    ),
-    # GLM-4.5's: the same router and shared experts as DeepSeek-V3, GQA attention with q/k/v biases.
-    "glm4_moe": (
-        Glm4MoeConfig,
-        dict(
-            n_routed_experts=8, moe_intermediate_size=64, n_shared_experts=1, n_group=2, topk_group=1,
-            routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1, num_hidden_layers=3,
-            attention_bias=True,
-        ),
-    ),
-}
-"""Family class and its MoE knobs for these tiny configs (``intermediate_size`` is the dense MLP's width)."""
-
-
 def tiny_config(arch: str = "olmoe", **overrides):
-    """A small config of the given family with the real structure (fused experts, top-K router)."""
+    """A small config of the given family with the real structure (fused experts, top-K router).
+
+    The family's own knobs are its registry entry's ``tiny`` values (``quant/arch.py``); ``intermediate_size``
+    is the dense MLP's width.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown tiny architecture {arch!r}; use one of {', '.join(ARCHITECTURES)}")
     vocab = 256 + len(SPECIAL_TOKENS) + len(WORD_TOKENS)
     common = dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, num_experts_per_tok=2, eos_token_id=256,
         bos_token_id=256, pad_token_id=257, tie_word_embeddings=False,
     )
-    if arch == "olmoe":
-        config = OlmoeConfig(**{**common, "num_experts": 8, **overrides})
-    elif arch == "mixtral":
-        config = MixtralConfig(**{**common, "num_local_experts": 4, **overrides})
-    elif arch in FAMILY_TINY:
-        family_class, family = FAMILY_TINY[arch]
-        config = family_class(**{**common, "intermediate_size": 128, "head_dim": 16, **family, **overrides})
-    else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; use one of olmoe, mixtral, {', '.join(FAMILY_TINY)}")
-    return config
+    return AutoConfig.for_model(arch, **{**common, **ARCHITECTURES[arch].tiny, **overrides})
 
 
 def save_tiny_model(directory: str, arch: str = "olmoe", seed: int = 0, dtype=torch.bfloat16, **overrides) -> str:
