@@ -22,7 +22,6 @@ from ..errors import PerftQloraError
 CONFIG_DIR = Path(__file__).parent.parent / "configs"  # perft_qlora/configs
 
 
-
 class UnsupportedArchitectureError(PerftQloraError):
     """The model family has no entry in :data:`ARCHITECTURES`."""
 
