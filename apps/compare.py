@@ -366,8 +366,8 @@ def serve(args: argparse.Namespace) -> None:
         print(f"warning: adapter {name!r} not loaded: {err}", file=sys.stderr)
     examples = None
     if args.demo:
-        from perft_qlora.training.demo_data import demo_data_path
-        from perft_qlora.training.records import read_records
+        from perft_qlora.formats.demo_data import demo_data_path
+        from perft_qlora.formats.records import read_records
 
         examples = [(row["instruction"], row.get("input", "")) for row in read_records(demo_data_path("test")).rows[:3]]
     local = args.host in ("127.0.0.1", "localhost", "::1") and not args.share

@@ -4,7 +4,7 @@ The re-exports below are imported on first use, so ``python -m perft_qlora.<comm
 logging (``cli.py``) before torch, transformers and bitsandbytes are imported.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__  # re-exported
 
 _EXPORTS = {
     "ARCHITECTURES": "quant.arch", "UnsupportedArchitectureError": "quant.arch",

@@ -220,7 +220,7 @@ def test_cli_writes_json_markdown_and_pngs(cli_run):
 def test_data_is_routed_in_the_adapters_training_template(tmp_path):
     from perft_qlora.analysis.analysis import AdapterSpec
     from perft_qlora.analysis.analyze import load_texts, training_template
-    from perft_qlora.evaluation.prompts import format_prompt, released_train_prompt
+    from perft_qlora.formats.prompts import format_prompt, released_train_prompt
 
     def spec(name, template):
         return AdapterSpec(name, str(tmp_path), {"extra": {"training": {"template": template}}} if template else {})

@@ -15,7 +15,7 @@ from gradio_client import Client
 from test_chat import adapter_dirs, chat  # noqa: F401  (module-scoped fixtures: tiny base + two adapters)
 
 import perft_qlora.serving.chat as chat_module
-from perft_qlora.evaluation.prompts import TEMPLATES
+from perft_qlora.formats.prompts import TEMPLATES
 from perft_qlora.serving.chat import BASE, ChatModel, GenerationSettings, RoutingTrace, message_text
 
 APP_PATH = Path(__file__).resolve().parents[1] / "apps" / "compare.py"

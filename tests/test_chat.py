@@ -20,7 +20,7 @@ from perft_qlora import (
     parameter_report,
     save_adapter,
 )
-from perft_qlora.evaluation.prompts import TEMPLATES, format_prompt
+from perft_qlora.formats.prompts import TEMPLATES, format_prompt
 from perft_qlora.serving.chat import BASE, ChatError, ChatModel, GenerationSettings, RoutingRecorder
 from perft_qlora.training.tiny import save_tiny_model
 

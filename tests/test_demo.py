@@ -7,10 +7,10 @@ import random
 import pytest
 
 from perft_qlora import load_model
+from perft_qlora.formats.demo_corpus import DEMO_FAMILY, FAMILIES, TEMPLATES, pretraining_example
 from perft_qlora.quant.nf4_experts import NF4Experts
 from perft_qlora.training.demo import DemoReport, demo_rows, held_out_accuracy, prepare_demo_base
 from perft_qlora.training.demo_base import MANIFEST, check, demo_base_dir
-from perft_qlora.training.demo_corpus import DEMO_FAMILY, FAMILIES, TEMPLATES, pretraining_example
 from perft_qlora.training.train import run
 from perft_qlora.training.train_options import parse_args
 

@@ -47,9 +47,9 @@ def equal_length_rows(path) -> str:
 
     from transformers import AutoTokenizer
 
+    from perft_qlora.formats.records import RecordSet
     from perft_qlora.training.data import to_prompt_completion
     from perft_qlora.training.demo_base import demo_base_dir
-    from perft_qlora.training.records import RecordSet
 
     tokenizer = AutoTokenizer.from_pretrained(demo_base_dir())
     rng = random.Random(0)

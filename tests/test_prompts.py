@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from perft_qlora.evaluation.prompts import TEMPLATES, TemplateError, get_template, response_text
 from perft_qlora.evaluation.protocol import COMMONSENSE_PREFIX, PROTOCOLS
+from perft_qlora.formats.prompts import TEMPLATES, TemplateError, get_template, response_text
+from perft_qlora.formats.records import RecordSet
 from perft_qlora.training.data import to_prompt_completion
-from perft_qlora.training.records import RecordSet
 
 HEAD = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 HEAD_IN = (

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from perft_qlora.evaluation.prompts import RESPONSE_MARKER, format_prompt, response_text
+from perft_qlora.formats.demo_data import demo_data_path, generate_demo_rows
+from perft_qlora.formats.prompts import RESPONSE_MARKER, format_prompt, response_text
+from perft_qlora.formats.records import DataError, read_records
 from perft_qlora.training.data import split_validation, to_prompt_completion
-from perft_qlora.training.demo_data import demo_data_path, generate_demo_rows
-from perft_qlora.training.records import DataError, read_records
 
 
 def _write(path, rows):

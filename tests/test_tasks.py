@@ -10,7 +10,7 @@ import pytest
 from perft_qlora.evaluation.extract import INVALID
 from perft_qlora.evaluation.protocol import COMMONSENSE_PREFIX, PROTOCOLS, scored_response
 from perft_qlora.evaluation.tasks import GROUPS, TASKS, TaskError, load_test_set, resolve_tasks
-from perft_qlora.training.demo_data import demo_data_path
+from perft_qlora.formats.demo_data import demo_data_path
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
 

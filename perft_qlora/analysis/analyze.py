@@ -27,10 +27,10 @@ from transformers import AutoConfig
 
 from ..cli import add_debug_option, error_path, positive_int
 from ..errors import UsageError
-from ..evaluation.prompts import DEFAULT_TEMPLATE, get_template
+from ..formats.prompts import DEFAULT_TEMPLATE, get_template
+from ..formats.records import read_records
 from ..method.adapters import recorded_training
 from ..quant.arch import get_arch
-from ..training.records import read_records
 from .analysis import analyze, read_adapter_spec
 from .analysis_report import PLOTS_NEED, default_out_dir, write_analysis
 

@@ -49,8 +49,10 @@ def _decode_seconds(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> 
 
 
 def run(args) -> dict:
-    from .. import PerftConfig, attach_perft, load_model
     from ..kernels import backend_choices
+    from ..method.config import PerftConfig
+    from ..method.model import attach_perft
+    from ..quant.loader import load_model
 
     path = cached_checkpoint(args.arch, args.num_layers, args.cache_dir, progress=False)
     name = os.path.basename(path)

@@ -33,7 +33,7 @@ GIB = 2**30
 
 def _load(setup: str, path: str, device: str):
     if setup == "perft_qlora":
-        from .. import load_model
+        from ..quant.loader import load_model
 
         return load_model(path, device=device, progress=False)[0]
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -68,7 +68,9 @@ def build_model(setup: str, path: str, args):
 
     device = args.device
     if setup == "perft_qlora":
-        from .. import PerftConfig, attach_perft, load_model
+        from ..method.config import PerftConfig
+        from ..method.model import attach_perft
+        from ..quant.loader import load_model
 
         model, tokenizer = load_model(path, device=device, progress=False)
         top_k = args.top_k if args.variant == "perft" else None

@@ -18,14 +18,14 @@ import os
 import sys
 from dataclasses import dataclass
 
+from .._version import __version__
 from ..cli import add_debug_option, error_path, positive_int
-
-from .. import AdapterError, __version__, load_model
+from ..formats.prompts import DEFAULT_TEMPLATE, TEMPLATES
 from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter, training_record
-from ..method.checkpoint import WEIGHTS_NAME, verify_adapter_files, verify_safetensors
+from ..method.checkpoint import WEIGHTS_NAME, AdapterError, verify_adapter_files, verify_safetensors
 from ..preflight import is_local_path, model_config
+from ..quant.loader import load_model
 from .predictions import PredictionsError, PredictionStore
-from .prompts import DEFAULT_TEMPLATE, TEMPLATES
 from .protocol import PROTOCOLS, Protocol
 from .summary import Summary, previous_summary, resume_conflicts
 from .task_runner import run_task

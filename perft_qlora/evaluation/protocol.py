@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .prompts import DEFAULT_TEMPLATE, get_template, response_text
+from ..formats.prompts import DEFAULT_TEMPLATE, get_template, response_text
 
 COMMONSENSE_PREFIX = "the correct answer is"
 """Commonsense170K outputs read ``the correct answer is <label>``; the PERFT scripts pre-fill this much."""

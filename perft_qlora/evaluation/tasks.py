@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import PerftQloraError
-from ..training.demo_data import demo_data_path
-from ..training.records import DataError, read_records
+from ..formats.demo_data import demo_data_path
+from ..formats.records import DataError, read_records
 from . import extract
 
 ANSWER_LETTERS = ("A", "B", "C", "D", "E")

@@ -15,15 +15,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .._version import __version__
 from ..errors import PerftQloraError
-from .. import __version__
 from ..quant.arch import decoder_layers, get_arch
-from ..training.model_card import CARD_NAME
 from .config import PerftConfig
 from .model import attach_perft, detach_perft, iter_perft_blocks
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+CARD_NAME = "README.md"  # the model card the trainer writes beside the adapter
 FORMAT_VERSION = 1
 
 

@@ -24,7 +24,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from ..errors import PerftQloraError
-from ..evaluation.prompts import DEFAULT_TEMPLATE, get_template
+from ..formats.prompts import DEFAULT_TEMPLATE, get_template
 from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter, recorded_training, training_record
 from ..method.checkpoint import (
     AdapterError,

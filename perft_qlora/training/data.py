@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from datasets import Dataset
 
-from ..evaluation.prompts import DEFAULT_TEMPLATE, RESPONSE_MARKER, get_template
-from .records import DataError, RecordSet
+from ..formats.prompts import DEFAULT_TEMPLATE, RESPONSE_MARKER, get_template
+from ..formats.records import DataError, RecordSet
 
 
 def to_prompt_completion(records: RecordSet, template: str = DEFAULT_TEMPLATE) -> Dataset:

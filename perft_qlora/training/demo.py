@@ -2,7 +2,7 @@
 
 The base is the small pre-trained OLMoE shipped in ``perft_qlora/data/demo_base/`` (``perft_qlora.training.demo_base``),
 copied to ``<output-dir>/base/`` so that the evaluation and app commands find it beside the adapter. The task
-(``perft_qlora.training.demo_data``) is one the base was never trained on. After training, the base and the adapter
+(``perft_qlora.formats.demo_data``) is one the base was never trained on. After training, the base and the adapter
 are scored on the shipped held-out rows (``perft_qlora/data/demo/test.json``) the way ``python -m
 perft_qlora.evaluate --tasks demo --greedy`` scores them, and a before/after table is printed.
 """
@@ -20,10 +20,10 @@ import torch
 from ..evaluation.generate import generate_batch
 from ..evaluation.protocol import PROTOCOLS, scored_response
 from ..evaluation.tasks import TASKS
+from ..formats.demo_data import demo_data_path
+from ..formats.records import read_records
 from .demo_base import MANIFEST, demo_base_dir
-from .demo_data import demo_data_path
 from .distributed import is_main_process
-from .records import read_records
 
 VARIANT_LABELS = {"perft": "PERFT", "perft_e": "PERFT-E", "perft_d": "PERFT-D", "perft_s": "PERFT-S", "lora": "LoRA"}
 GREEDY = PROTOCOLS["perft"].with_beams(1)

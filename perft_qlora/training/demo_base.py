@@ -6,7 +6,7 @@
 The model is a real ``OlmoeForCausalLM`` (fused experts, top-2 of 8 router, 4 layers, hidden 128; every
 dimension a multiple of 64, so NF4 applies as to the full-size models) with a byte-level BPE tokenizer trained
 here with ``tokenizers``. It is pre-trained from scratch on the synthetic instruction corpus of
-``perft_qlora/training/demo_corpus.py`` (loss on the responses; the base router's balance loss on), then saved in
+``perft_qlora/formats/demo_corpus.py`` (loss on the responses; the base router's balance loss on), then saved in
 bfloat16 as safetensors. ``demo_base.json`` beside the weights records the settings, how long pre-training
 took and on what, the held-out accuracy per family, and the sha256 of every shipped file.
 """
@@ -27,7 +27,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast
 
-from .demo_corpus import DEMO_FAMILY, FAMILIES, TEMPLATES, family_rows, pretraining_example, pretraining_stream
+from ..formats.demo_corpus import DEMO_FAMILY, FAMILIES, TEMPLATES, family_rows, pretraining_example, pretraining_stream
 
 MANIFEST = "demo_base.json"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")

@@ -6,8 +6,6 @@ model): into ``--output-dir`` and beside every saved PERFT adapter.
 
 from __future__ import annotations
 
-CARD_NAME = "README.md"
-
 
 def _fmt(value) -> str:
     if value is None:

@@ -29,6 +29,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..cli import error_path
 from ..errors import UsageError
+from ..formats.records import read_records
 from ..method.model import attach_perft, parameter_report
 from ..preflight import check_output_dir, check_perft_config, check_schedule, model_config
 from ..quant.arch import get_arch
@@ -40,7 +41,6 @@ from .baseline import attach_lora_baseline
 from .data import count_truncated, split_validation, to_prompt_completion
 from .demo import prepare_demo_base, run_demo
 from .distributed import expert_shard, is_main_process, launch_engine, load_device, main_process_first, prepare_ranks
-from .records import read_records
 from .train_options import parse_args, perft_config_from_args, sft_config_from_args
 from .trainer import PerftSFTTrainer
 

@@ -17,8 +17,8 @@ import torch
 
 from ..errors import UsageError
 from ..cli import HelpFormatter, add_debug_option
+from ..formats.demo_data import demo_data_path
 from ..method.config import PerftConfig
-from .demo_data import demo_data_path
 
 VARIANT_CHOICES = ("perft", "perft_e", "perft_d", "perft_s", "lora")
 

@@ -32,12 +32,12 @@ from trl import SFTTrainer
 
 from ..kernels import backend_choices
 from ..method.adapters import write_training_record
-from ..method.checkpoint import AdapterError, adapter_state_dict, load_adapter, save_adapter
+from ..method.checkpoint import CARD_NAME, AdapterError, adapter_state_dict, load_adapter, save_adapter
 from ..method.losses import perft_balance_loss
 from ..method.model import balance_loss_coef, parameter_report
 from ..quant.memory import peak_memory_bytes
 from .distributed import routing_log
-from .model_card import CARD_NAME, render_model_card
+from .model_card import render_model_card
 from .progress import REPLACES, TrainingProgress
 
 

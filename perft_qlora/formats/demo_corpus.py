@@ -3,12 +3,12 @@
 Every row is an LLM-Adapters row (``instruction``, ``input``, ``output``, ``answer``). The pre-training
 families (``FAMILIES``) are short-answer skills over made-up words and two-digit numbers; the yes/no ones
 answer like Commonsense170K (``the correct answer is true|false``). The demo task (``DEMO_FAMILY``, see
-``perft_qlora/training/demo_data.py``) asks a question the base model never saw, over the same kind of inputs: the
+``perft_qlora/formats/demo_data.py``) asks a question the base model never saw, over the same kind of inputs: the
 frozen base must read the question (attention) and the adapters must learn the new mapping.
 
 Rows are rendered with both prompt templates that training and evaluation may use (``TEMPLATES``): the clean
 LLM-Adapters text and the PERFT authors' released f-string bytes (16-space indents, whitespace-only lines).
-They are written out here, not imported from ``perft_qlora.evaluation.prompts``, so the shipped weights do not change
+They are written out here, not imported from ``perft_qlora.formats.prompts``, so the shipped weights do not change
 when the project's default template does.
 """
 

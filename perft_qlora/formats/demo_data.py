@@ -1,12 +1,12 @@
 """The demo task's data set: a small, deterministic yes/no task in the LLM-Adapters format.
 
-Each row asks whether a short made-up text is written in small letters (``perft_qlora.training.demo_corpus.DEMO_FAMILY``).
+Each row asks whether a short made-up text is written in small letters (``perft_qlora.formats.demo_corpus.DEMO_FAMILY``).
 The shipped base model (``perft_qlora/data/demo_base/``) was pre-trained on the opposite question (capital
 letters) and never saw this one: it reads the text through its frozen attention and answers the question it
 knows, so it is wrong almost every time; a PERFT adapter must learn the new mapping. Outputs read like
 Commonsense170K's (``the correct answer is true``), so the commonsense evaluation protocol scores them with
 the BoolQ label pattern. The files ship in the package (``perft_qlora/data/demo/{train,test}.json``);
-``python -m perft_qlora.training.demo_data`` rewrites them and a test checks the shipped files equal what this makes.
+``python -m perft_qlora.formats.demo_data`` rewrites them and a test checks the shipped files equal what this makes.
 """
 
 from __future__ import annotations
