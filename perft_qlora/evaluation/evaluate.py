@@ -23,7 +23,7 @@ from ..cli import add_debug_option, error_path, positive_int
 from .. import AdapterError, __version__, load_model
 from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter, training_record
 from ..method.checkpoint import WEIGHTS_NAME, verify_adapter_files, verify_safetensors
-from ..preflight import is_local_path, model_config
+from ..quant.model_config import is_local_path, model_config
 from .predictions import PredictionsError, PredictionStore
 from .prompts import DEFAULT_TEMPLATE, TEMPLATES
 from .protocol import PROTOCOLS, Protocol
