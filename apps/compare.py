@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    from perft_qlora.preflight import is_local_path, model_config
+    from perft_qlora.quant.model_config import is_local_path, model_config
 
     adapters = dict(args.adapter)
     if args.demo:

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .cli import positive_int
 from .errors import PerftQloraError
-from .method.config import PerftConfig
+from .method.config import PerftConfig, default_shape
 from .method.variants import BlockFacts, build_adapter
 from .quant.arch import ARCHITECTURES, SHIPPED_CONFIGS, decoder_layers
 from .quant.footprint import Footprint, layer_footprints, weight_footprint
@@ -312,8 +312,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
-    num_experts = args.num_experts if args.num_experts is not None or args.variant not in ("perft", "perft_d") else 4
-    top_k = args.top_k if args.top_k is not None or args.variant != "perft" else 2
+    num_experts, top_k = default_shape(args.variant, args.num_experts, args.top_k)
     try:
         perft_config = PerftConfig(variant=args.variant, num_experts=num_experts, top_k=top_k, bottleneck=args.bottleneck)
         names = [n for m in args.model for n in (KNOWN_MODELS if m == "all" else [m])]

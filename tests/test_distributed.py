@@ -367,12 +367,10 @@ def test_train_loads_the_model_onto_the_rank_device(two_gpu_rank_1, monkeypatch,
 def test_global_batch_must_divide_over_ranks_and_accumulation(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = parse_args(["--model", "m", "--data", "d.json", "--global-batch-size", "16", "--grad-accum", "2"])
-    distributed.resolve_global_batch(args)
     assert args.batch_size == 4
     monkeypatch.setenv("WORLD_SIZE", "3")
-    args = parse_args(["--model", "m", "--data", "d.json", "--global-batch-size", "16"])
     with pytest.raises(UsageError, match=r"^--global-batch-size 16 is not divisible by 3 rank\(s\)"):
-        distributed.resolve_global_batch(args)
+        parse_args(["--model", "m", "--data", "d.json", "--global-batch-size", "16"])
 
 
 def test_ranks_with_different_options_are_refused(monkeypatch):
@@ -399,10 +397,10 @@ def test_options_an_engine_cannot_run_fail_with_one_line(monkeypatch):
 def test_ddp_does_not_broadcast_the_nf4_buffers():
     from perft_qlora.quant.arch import get_arch
     from perft_qlora.training.tiny import tiny_config
-    from perft_qlora.training.train_options import sft_config_from_args
+    from perft_qlora.training.train_options import make_sft_config
 
     args = parse_args(["--model", "m", "--data", "d.json", "--device", "cpu"])
-    config = sft_config_from_args(args, get_arch(tiny_config("olmoe")), has_validation=False)
+    config = make_sft_config(args, get_arch(tiny_config("olmoe")), has_validation=False)
     # DDP's default re-sends every buffer from rank 0 before each forward: all the NF4 expert bytes, each step.
     assert config.ddp_broadcast_buffers is False and config.ddp_find_unused_parameters is True
 

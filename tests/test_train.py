@@ -1,5 +1,6 @@
 """`python -m perft_qlora.train`: the demo end to end, options, resume parity, every variant, the losses it logs."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -205,7 +206,7 @@ def test_options_precedence_cli_over_file_over_demo_presets(tmp_path):
     args = parse_args(["--demo", "--config", str(config), "--bottleneck", "2"])
     assert args.learning_rate == 0.5          # file beats the demo preset (1e-2)
     assert args.bottleneck == 2               # command line beats the file
-    assert args.layers == [0, 1] and args.variant == "perft_e"
+    assert args.layers == (0, 1) and args.variant == "perft_e"
     assert args.epochs == DEMO_PRESETS["epochs"] and args.data == DEMO_PRESETS["data"]
     plain = parse_args(["--model", "m", "--data", "d.json"])
     assert plain.learning_rate is None and plain.warmup_steps == 100 and plain.batch_size == 16
@@ -276,3 +277,15 @@ def test_the_adapter_remembers_its_prompt_template(tmp_path, variant):
         assert adapter_template(str(directory)) == "alpaca"
         assert training_record(str(directory))["variant"] == variant
     assert (TRAINING_NAME in os.listdir(tmp_path / "adapter")) == (variant == "lora")
+
+
+def test_options_are_resolved_once_into_a_frozen_object(tmp_path):
+    options = parse_args(["--demo", "--output-dir", str(tmp_path)])
+    assert options.model == str(tmp_path / "base") and options.demo_base  # the demo base's copy, resolved here
+    assert options.device in ("cpu", "cuda") and (options.num_experts, options.top_k) == (4, 2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.device = "cpu"
+    given = parse_args(["--demo", "--model", "m", "--output-dir", str(tmp_path)])
+    assert given.model == "m" and not given.demo_base
+    plain = parse_args(["--model", "m", "--data", "d.json", "--variant", "perft_e"])
+    assert (plain.num_experts, plain.top_k) == (None, None)  # M and K' defaults only where the variant takes them

@@ -23,8 +23,8 @@ from ..cli import add_debug_option, error_path, positive_int
 from ..formats.prompts import DEFAULT_TEMPLATE, TEMPLATES
 from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter, training_record
 from ..method.checkpoint import WEIGHTS_NAME, AdapterError, verify_adapter_files, verify_safetensors
-from ..preflight import is_local_path, model_config
 from ..quant.loader import load_model
+from ..quant.model_config import is_local_path, model_config
 from .predictions import PredictionsError, PredictionStore
 from .protocol import PROTOCOLS, Protocol
 from .summary import Summary, previous_summary, resume_conflicts

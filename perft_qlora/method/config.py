@@ -7,6 +7,10 @@ from typing import Literal
 
 VariantName = Literal["perft", "perft_e", "perft_d", "perft_s"]
 ACTIVATIONS = (None, "silu", "gelu", "relu")
+DEFAULT_NUM_EXPERTS = 4
+"""M where a perft / perft_d run names none (train's and the planner's ``--num-experts`` default)."""
+DEFAULT_TOP_K = 2
+"""K' where a perft run names none (train's and the planner's ``--top-k`` default)."""
 
 
 @dataclass
@@ -80,4 +84,14 @@ class PerftConfig:
         return cls(**data)
 
 
-__all__ = ["PerftConfig", "ACTIVATIONS"]
+def default_shape(variant: str, num_experts: int | None, top_k: int | None) -> tuple[int | None, int | None]:
+    """``(num_experts, top_k)`` with :data:`DEFAULT_NUM_EXPERTS` / :data:`DEFAULT_TOP_K` filled in where
+    ``variant`` takes the knob and none was given; every other value passes through unchanged."""
+    if variant in ("perft", "perft_d") and num_experts is None:
+        num_experts = DEFAULT_NUM_EXPERTS
+    if variant == "perft" and top_k is None:
+        top_k = DEFAULT_TOP_K
+    return num_experts, top_k
+
+
+__all__ = ["PerftConfig", "ACTIVATIONS", "DEFAULT_NUM_EXPERTS", "DEFAULT_TOP_K", "default_shape"]

@@ -24,6 +24,7 @@ from ..formats.demo_data import demo_data_path
 from ..formats.records import read_records
 from .demo_base import MANIFEST, demo_base_dir
 from .distributed import is_main_process
+from .train_options import TrainOptions, demo_base_path
 
 VARIANT_LABELS = {"perft": "PERFT", "perft_e": "PERFT-E", "perft_d": "PERFT-D", "perft_s": "PERFT-S", "lora": "LoRA"}
 GREEDY = PROTOCOLS["perft"].with_beams(1)
@@ -31,7 +32,7 @@ GREEDY = PROTOCOLS["perft"].with_beams(1)
 
 def prepare_demo_base(output_dir: str) -> str:
     """Copy the shipped base model into ``<output_dir>/base`` (a few MB) and return that directory."""
-    target = os.path.join(output_dir, "base")
+    target = demo_base_path(output_dir)
     os.makedirs(target, exist_ok=True)
     for name in os.listdir(demo_base_dir()):
         if name != MANIFEST:
@@ -90,25 +91,26 @@ class DemoReport:
         )
 
 
-def run_demo(args, train) -> DemoReport:
-    """``train(args)`` (``perft_qlora.training.train.run``) on the demo, then score base and adapter; prints the report."""
+def run_demo(options: TrainOptions, train) -> DemoReport:
+    """``train(options)`` (``perft_qlora.training.train.run``) on the demo, then score base and adapter; prints the
+    report."""
     from ..quant.loader import load_model
 
-    if not str(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+    if not options.device.startswith("cuda"):
         # The demo's matrices are 128 wide: a second thread gains little, and on a CPU shared with other
         # jobs OpenMP's spinning threads made the run over 6x slower (400+ s against 55 s with one thread).
         torch.set_num_threads(1)
     start = time.perf_counter()
-    trainer = train(args)
+    trainer = train(options)
     model = trainer.model.eval()
     model.config.output_router_logits = False  # training's balance loss is not computed while generating
     rows = demo_rows()
     adapter_accuracy, _ = held_out_accuracy(model, trainer.processing_class, rows)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    base, tokenizer = load_model(args.model, device=args.device, progress=False)
+    base, tokenizer = load_model(options.model, device=options.device, progress=False)
     base_accuracy, _ = held_out_accuracy(base, tokenizer, rows)
     report = DemoReport(base_accuracy, adapter_accuracy, len(rows), trainable, time.perf_counter() - start,
-                        args.model, os.path.join(args.output_dir, "adapter"), args.variant)
+                        options.model, os.path.join(options.output_dir, "adapter"), options.variant)
     if is_main_process():  # every rank runs this under accelerate launch
-        print("\n" + report.table() + "\n\n" + report.next_commands(args.output_dir), file=sys.stderr)
+        print("\n" + report.table() + "\n\n" + report.next_commands(options.output_dir), file=sys.stderr)
     return report

@@ -27,11 +27,12 @@ rank 0 (``trainer.py``).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,9 @@ from ..errors import UsageError
 from ..method.model import iter_perft_blocks
 from ..method.stats import balance_log
 from ..quant.sharding import ExpertShard
+
+if TYPE_CHECKING:
+    from .train_options import TrainOptions
 
 # Options that may differ between ranks without changing what is trained.
 RANK_LOCAL_OPTIONS = ("device",)
@@ -85,43 +89,40 @@ def rank_device(requested: str | None) -> str:
     return f"cuda:{local_rank()}"
 
 
-def resolve_global_batch(args: argparse.Namespace) -> None:
-    """``--global-batch-size G`` sets ``--batch-size`` to ``G / (ranks · --grad-accum)``; refuses a remainder."""
-    total = getattr(args, "global_batch_size", None)
-    if total is None:
-        return
-    per_step = world_size() * args.grad_accum
-    if total % per_step:
+def per_rank_batch_size(global_batch_size: int, grad_accum: int) -> int:
+    """``--global-batch-size G`` as examples per rank and step, ``G / (ranks · --grad-accum)``; refuses a remainder."""
+    per_step = world_size() * grad_accum
+    if global_batch_size % per_step:
         raise UsageError(
-            f"--global-batch-size {total} is not divisible by {world_size()} rank(s) x --grad-accum "
-            f"{args.grad_accum} = {per_step}; pick a multiple of {per_step} or change the process count"
+            f"--global-batch-size {global_batch_size} is not divisible by {world_size()} rank(s) x --grad-accum "
+            f"{grad_accum} = {per_step}; pick a multiple of {per_step} or change the process count"
         )
-    args.batch_size = total // per_step
+    return global_batch_size // per_step
 
 
-def check_engine(args: argparse.Namespace) -> None:
+def check_engine(options: TrainOptions) -> None:
     """Refuse options that cannot run under the engine ``accelerate launch`` chose (read from its env vars)."""
     engine = launch_engine()
     if engine == "fsdp":
-        check_fsdp(args)
+        check_fsdp(options)
     if engine == "deepspeed":
         raise UsageError("DeepSpeed is not supported; launch with --config_file examples/accelerate/ddp.yaml "
                          "(or fsdp.yaml to shard the model)")
-    if world_size() > 1 and args.backend == "unsloth":
+    if world_size() > 1 and options.backend == "unsloth":
         raise UsageError("--backend unsloth runs in one process only; drop it or launch a single process")
 
 
-def check_fsdp(args: argparse.Namespace) -> None:
+def check_fsdp(options: TrainOptions) -> None:
     """What the FSDP path supports: FSDP2, PERFT variants, our activation checkpointing, parameters on the GPU."""
     env = os.environ.get
     fix = "; see examples/accelerate/fsdp.yaml"
     if env("FSDP_VERSION", "1") != "2":
         raise UsageError(f"FSDP version {env('FSDP_VERSION', '1')} is not supported, only FSDP2: set "
                          f"fsdp_version: 2 in the accelerate config{fix}")
-    if args.variant == "lora":
+    if options.variant == "lora":
         raise UsageError("--variant lora is not supported under FSDP (its peft checkpoints would gather the "
                          "whole 4-bit model); train it data parallel (examples/accelerate/ddp.yaml) or on one GPU")
-    if env("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true" and args.gradient_checkpointing:
+    if env("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true" and options.gradient_checkpointing:
         raise UsageError("fsdp_activation_checkpointing and --gradient-checkpointing both recompute layers: "
                          f"set fsdp_activation_checkpointing: false (train's --gradient-checkpointing does it){fix}")
     if env("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
@@ -165,9 +166,9 @@ def launch_engine() -> str:
     return "ddp" if world_size() > 1 else "single"
 
 
-def options_fingerprint(args: argparse.Namespace) -> str:
+def options_fingerprint(options: TrainOptions) -> str:
     """A digest of every option that decides what is trained (not the rank's own device)."""
-    values = {k: v for k, v in sorted(vars(args).items()) if k not in RANK_LOCAL_OPTIONS}
+    values = {k: v for k, v in sorted(dataclasses.asdict(options).items()) if k not in RANK_LOCAL_OPTIONS}
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -184,27 +185,25 @@ def check_same_options(fingerprints: list[str]) -> None:
         )
 
 
-def prepare_ranks(args: argparse.Namespace) -> str:
-    """Run every launch check and return the device this rank loads onto (no-op checks in one process).
+def prepare_ranks(options: TrainOptions) -> None:
+    """Run every launch check (no-op checks in one process); the rank's device and batch size are already in
+    ``options`` (``train_options.resolve``).
 
     Starts the process group early (accelerate's ``PartialState``, the one the Trainer reuses) so that the
     ranks can compare their options before any model is loaded.
     """
-    check_engine(args)
-    device = rank_device(args.device)
-    resolve_global_batch(args)
+    check_engine(options)
     if world_size() > 1:
-        check_same_options(gather_fingerprints(args, device))
-    return device
+        check_same_options(gather_fingerprints(options, options.device))
 
 
-def gather_fingerprints(args: argparse.Namespace, device: str) -> list[str]:
+def gather_fingerprints(options: TrainOptions, device: str) -> list[str]:
     """Every rank's :func:`options_fingerprint`, in rank order (starts the process group)."""
     from accelerate import PartialState
 
     PartialState(cpu=not device.startswith("cuda"))
     gathered = [None] * world_size()
-    dist.all_gather_object(gathered, options_fingerprint(args))
+    dist.all_gather_object(gathered, options_fingerprint(options))
     return gathered
 
 

@@ -16,7 +16,6 @@ the shipped pre-trained base is copied to ``<output-dir>/base/`` and a before/af
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -30,30 +29,32 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..cli import error_path
 from ..errors import UsageError
 from ..formats.records import read_records
+from ..method.config import PerftConfig
 from ..method.model import attach_perft, parameter_report
-from ..preflight import check_output_dir, check_perft_config, check_schedule, model_config
 from ..quant.arch import get_arch
 from ..quant.loader import load_model
 from ..quant.memory import memory_report
+from ..quant.model_config import model_config
 from ..quant.sharding import shardable_storage
 from .backends import get_backend
 from .baseline import attach_lora_baseline
 from .data import count_truncated, split_validation, to_prompt_completion
 from .demo import prepare_demo_base, run_demo
 from .distributed import expert_shard, is_main_process, launch_engine, load_device, main_process_first, prepare_ranks
-from .train_options import parse_args, perft_config_from_args, sft_config_from_args
+from .train_checks import check_against_model, check_output_dir, check_schedule
+from .train_options import TrainOptions, make_perft_config, make_sft_config, parse_args
 from .trainer import PerftSFTTrainer
 
 DEMO_MARKER = ".perft-qlora-demo"
 """Written into ``--output-dir`` by ``--demo``: a later ``--demo`` may start over only where it finds it."""
 
 
-def previous_outputs(args: argparse.Namespace) -> list[str]:
+def previous_outputs(options: TrainOptions) -> list[str]:
     """What an earlier run wrote into ``--output-dir`` that this run would replace: checkpoints, the adapter and,
     for ``--demo`` (which writes its tiny base model there), ``base/``."""
-    found = sorted(glob.glob(os.path.join(args.output_dir, "checkpoint-*")))
-    replaced = ["adapter"] + (["base"] if args.demo and args.model is None else [])
-    return found + [path for name in replaced if os.path.isdir(path := os.path.join(args.output_dir, name))]
+    found = sorted(glob.glob(os.path.join(options.output_dir, "checkpoint-*")))
+    replaced = [os.path.join(options.output_dir, "adapter")] + ([options.model] if options.demo_base else [])
+    return found + [path for path in replaced if os.path.isdir(path)]
 
 
 def say(text: str) -> None:
@@ -67,39 +68,39 @@ def _names(paths: list[str]) -> str:
     return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
-def start_over(args: argparse.Namespace, earlier: list[str]) -> None:
+def start_over(options: TrainOptions, earlier: list[str]) -> None:
     """Remove an earlier run's checkpoints and adapter, saying so; only with --overwrite or in a --demo directory."""
-    demo_dir = args.demo and os.path.isfile(os.path.join(args.output_dir, DEMO_MARKER))
-    if not (args.overwrite or demo_dir):
-        hint = " (it was not written by --demo)" if args.demo else ""
+    demo_dir = options.demo and os.path.isfile(os.path.join(options.output_dir, DEMO_MARKER))
+    if not (options.overwrite or demo_dir):
+        hint = " (it was not written by --demo)" if options.demo else ""
         raise UsageError(
-            f"{args.output_dir} already holds an earlier run ({_names(earlier)}){hint}; pass --resume to continue "
+            f"{options.output_dir} already holds an earlier run ({_names(earlier)}){hint}; pass --resume to continue "
             "it, --overwrite to delete those and start over, or another --output-dir"
         )
-    why = "--overwrite" if args.overwrite else "--demo (a previous demo run)"
-    print(f"{why}: removing {_names(earlier)} from {args.output_dir}", file=sys.stderr)
+    why = "--overwrite" if options.overwrite else "--demo (a previous demo run)"
+    print(f"{why}: removing {_names(earlier)} from {options.output_dir}", file=sys.stderr)
     for directory in earlier:  # nothing else in the directory is touched
         shutil.rmtree(directory)
 
 
-def resolve_resume(args: argparse.Namespace, remove: bool = True) -> str | None:
+def resolve_resume(options: TrainOptions, remove: bool = True) -> str | None:
     """The checkpoint to resume from, or None; an earlier run's outputs go only as ``start_over`` allows.
 
     ``remove=False`` (every rank but the first under data parallel) decides the same but deletes nothing: by the
     time it looks, rank 0 has already started over and written this run's files."""
-    check_output_dir(args.output_dir)
-    if args.resume is None:
-        earlier = previous_outputs(args)
+    check_output_dir(options.output_dir)
+    if options.resume is None:
+        earlier = previous_outputs(options)
         if earlier and remove:
-            start_over(args, earlier)
+            start_over(options, earlier)
         return None
-    if args.resume != "last":
-        if not os.path.isdir(args.resume):
-            raise UsageError(f"--resume {args.resume}: no such checkpoint directory")
-        return args.resume
-    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    if options.resume != "last":
+        if not os.path.isdir(options.resume):
+            raise UsageError(f"--resume {options.resume}: no such checkpoint directory")
+        return options.resume
+    last = get_last_checkpoint(options.output_dir) if os.path.isdir(options.output_dir) else None
     if last is None:
-        raise UsageError(f"--resume: no checkpoint-* directory in {args.output_dir} to continue from; "
+        raise UsageError(f"--resume: no checkpoint-* directory in {options.output_dir} to continue from; "
                          "leave out --resume to start a new run")
     return last
 
@@ -111,71 +112,72 @@ def mark_demo_dir(output_dir: str) -> None:
                   handle)
 
 
-def interrupted_message(args: argparse.Namespace) -> str:
+def interrupted_message(options: TrainOptions) -> str:
     """What a Ctrl-C leaves behind and how to continue."""
-    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    last = get_last_checkpoint(options.output_dir) if os.path.isdir(options.output_dir) else None
     if last is None:
-        return (f"no checkpoint written yet (one every {args.save_steps} steps in {args.output_dir}); "
+        return (f"no checkpoint written yet (one every {options.save_steps} steps in {options.output_dir}); "
                 "nothing to resume, run the command again to start over")
     return f"the last checkpoint is {last}; continue with the same command plus --resume"
 
 
-def attach_adapter(model, args: argparse.Namespace):
-    """PERFT blocks on every MoE layer, or peft LoRA on attention for ``--variant lora``."""
-    if args.variant == "lora":
-        alpha = args.alpha if args.alpha is not None else 2.0 * args.bottleneck
-        return attach_lora_baseline(model, args.bottleneck, alpha, args.adapter_dropout, args.lora_targets)
-    return attach_perft(model, perft_config_from_args(args), dtype=getattr(torch, args.adapter_dtype))
+def attach_adapter(model, options: TrainOptions, perft_config: PerftConfig | None):
+    """PERFT blocks on every MoE layer, or peft LoRA on attention for ``--variant lora`` (``perft_config`` None)."""
+    if perft_config is None:
+        alpha = options.alpha if options.alpha is not None else 2.0 * options.bottleneck
+        return attach_lora_baseline(model, options.bottleneck, alpha, options.adapter_dropout, options.lora_targets)
+    return attach_perft(model, perft_config, dtype=getattr(torch, options.adapter_dtype))
 
 
-def run(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None) -> PerftSFTTrainer:
+def run(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -> PerftSFTTrainer:
     """Check, load, attach, train and save; returns the trainer (its ``state.log_history`` holds every log line).
 
-    Everything a user passes is checked before any model weight is read (``preflight.py``, ``records.py``)."""
-    backend = get_backend(args.backend)  # fails at once if, e.g., Unsloth has no GPU here
-    args.device = prepare_ranks(args)  # under accelerate launch: this rank's own GPU, launch checks
-    check_perft_config(args)  # the knobs on their own, before --demo writes anything
-    check_schedule(args)
-    set_seed(args.seed)
+    Everything a user passes is checked before any model weight is read (``train_options.make_perft_config``,
+    ``train_checks.py``, ``quant/model_config.py``, ``records.py``)."""
+    backend = get_backend(options.backend)  # fails at once if, e.g., Unsloth has no GPU here
+    prepare_ranks(options)  # under accelerate launch: launch checks, the same options on every rank
+    perft_config = make_perft_config(options)  # the knobs on their own, before --demo writes anything
+    check_schedule(options)
+    set_seed(options.seed)
     with main_process_first():  # rank 0 removes old checkpoints and writes the demo base before others look
-        resume = resolve_resume(args, remove=is_main_process())
-        if args.demo and is_main_process():
-            mark_demo_dir(args.output_dir)
-        if args.demo and args.model is None:
-            base = os.path.join(args.output_dir, "base")
-            args.model = prepare_demo_base(args.output_dir) if is_main_process() else base
-    check_perft_config(args, model_config(args.model, args.revision))
-    records = read_records(args.data, required=("instruction", "output"), split=args.data_split)
+        resume = resolve_resume(options, remove=is_main_process())
+        if options.demo and is_main_process():
+            mark_demo_dir(options.output_dir)
+        if options.demo_base and is_main_process():
+            prepare_demo_base(options.output_dir)  # into options.model
+    check_against_model(options, model_config(options.model, options.revision))
+    records = read_records(options.data, required=("instruction", "output"), split=options.data_split)
     say(records.report())
-    train_set, val_set = split_validation(to_prompt_completion(records, args.template), args.val_size)
+    train_set, val_set = split_validation(to_prompt_completion(records, options.template), options.val_size)
     if resume is not None:
         say(f"resuming from {resume}")
 
     model, tokenizer = load_model(
-        args.model, quantize=args.quantize, device=load_device(args.device), double_quant=args.double_quant, revision=args.revision,
-        dtype=getattr(torch, args.base_dtype), experts_shard=expert_shard(),
+        options.model, quantize=options.quantize, device=load_device(options.device), double_quant=options.double_quant,
+        revision=options.revision, dtype=getattr(torch, options.base_dtype), experts_shard=expert_shard(),
     )
     arch = get_arch(model.config)
-    too_long, checked = count_truncated(train_set, tokenizer, args.max_length)
+    too_long, checked = count_truncated(train_set, tokenizer, options.max_length)
     if too_long:
-        say(f"warning: {too_long} of {checked} examples checked are longer than --max-length {args.max_length} "
+        say(f"warning: {too_long} of {checked} examples checked are longer than --max-length {options.max_length} "
               "tokens and lose the end of their response; raise --max-length")
-    model = attach_adapter(model, args)
+    model = attach_adapter(model, options, perft_config)
     say(memory_report(model))
     if launch_engine() == "fsdp":
         shardable_storage(model)  # the 4-bit storage as parameters, which FSDP2 shards (quant/sharding.py)
-    say(f"{args.variant}: {parameter_report(model)}")
+    say(f"{options.variant}: {parameter_report(model)}")
 
     run_metadata = {
-        "base_model": args.model, "data": args.data, "variant": args.variant, "seed": args.seed, "template": args.template,
+        "base_model": options.model, "data": options.data, "variant": options.variant, "seed": options.seed,
+        "template": options.template,
     }
     trainer = PerftSFTTrainer(
-        model, args=sft_config_from_args(args, arch, val_set is not None), train_dataset=train_set,
+        model, args=make_sft_config(options, arch, val_set is not None), train_dataset=train_set,
         eval_dataset=val_set, processing_class=tokenizer, callbacks=callbacks, run_metadata=run_metadata,
     )
     backend.apply(trainer.model)
     trainer.train(resume_from_checkpoint=resume)
-    final_dir = os.path.join(args.output_dir, "adapter")
+    final_dir = os.path.join(options.output_dir, "adapter")
     trainer.save_model(final_dir)
     best = trainer.state.best_metric
     say(f"adapter saved to {final_dir}" + (f" (best eval_loss {best:.4f})" if best is not None else ""))
@@ -185,16 +187,16 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None
 def main(argv: list[str] | None = None) -> None:
     """The command line: bad input ends as one ``error:`` line and exit status 1 (``cli.error_path``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    with error_path("--debug" in argv):  # a --config file that cannot be used
-        args = parse_args(argv)
-    with error_path(args.debug, on_interrupt=lambda: interrupted_message(args)):
+    with error_path("--debug" in argv):  # a --config file that cannot be used, a global batch that does not divide
+        options = parse_args(argv)
+    with error_path(options.debug, on_interrupt=lambda: interrupted_message(options)):
         from datasets.utils.logging import disable_progress_bar
 
         disable_progress_bar()  # SFTTrainer's five per-split preprocessing bars; the training bar stays
-        if args.demo:
-            run_demo(args, run)  # trains, then prints the before/after table and the next commands
+        if options.demo:
+            run_demo(options, run)  # trains, then prints the before/after table and the next commands
         else:
-            run(args)
+            run(options)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""Command-line and config-file options of ``python -m perft_qlora.train``, and what they turn into.
+"""Command-line and config-file options of ``python -m perft_qlora.train``, resolved once into
+:class:`TrainOptions`, and the configs they turn into (``PerftConfig``, TRL's ``SFTConfig``).
 
 Precedence: command line > ``--config`` file (YAML or JSON, keys named like the options, with ``-`` or
 ``_``) > ``--demo`` presets > defaults. Defaults follow the authors' released recipe (see
 ../shared/docs/perft-method.md); ``None`` for learning rate and balance-loss coefficients means "the
 recipe's value for this architecture" (OLMoE 1e-5 / 0.01, Mixtral 2e-5 / 0.02), resolved once the model
-is known.
+is known (:func:`make_sft_config`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+from dataclasses import dataclass
 
-import torch
-
-from ..errors import UsageError
 from ..cli import HelpFormatter, add_debug_option
+from ..errors import UsageError
 from ..formats.demo_data import demo_data_path
-from ..method.config import PerftConfig
+from ..method.config import DEFAULT_NUM_EXPERTS, DEFAULT_TOP_K, PerftConfig, default_shape
+from .distributed import per_rank_batch_size, rank_device
 
 VARIANT_CHOICES = ("perft", "perft_e", "perft_d", "perft_s", "lora")
 
@@ -27,10 +29,91 @@ VARIANT_CHOICES = ("perft", "perft_e", "perft_d", "perft_s", "lora")
 # (the base was pre-trained that way: it never learned to predict the prompts' random letters). A second --demo
 # starts over only in a directory the demo wrote (train.py's DEMO_MARKER).
 DEMO_PRESETS = dict(
-    data=demo_data_path("train"), output_dir="perft-demo", variant="perft", num_experts=4, top_k=2, bottleneck=8,
+    data=demo_data_path("train"), output_dir="perft-demo", variant="perft", bottleneck=8,
     adapter_dropout=0.0, val_size=16, epochs=3.0, batch_size=16, learning_rate=1e-2, warmup_steps=5,
     logging_steps=5, eval_steps=15, save_steps=15, max_length=128, completion_only_loss=True,
 )
+
+
+def demo_base_path(output_dir: str) -> str:
+    """Where ``--demo`` copies the shipped base model: beside the adapter, where evaluate and the app look for it."""
+    return os.path.join(output_dir, "base")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Train's options, resolved: what :func:`parse_args` returns and everything in ``training/`` reads.
+
+    Nothing assigns to it; a changed copy is ``dataclasses.replace(options, ...)``. Each field is the option of
+    the same name (``--num-experts`` is ``num_experts``), documented once, with its default, in
+    :func:`make_parser` (``--help``); ``--demo``'s own defaults are ``DEMO_PRESETS``. The fields with a
+    docstring below hold a value resolved from the options, not the option as typed. Comma-separated
+    options are tuples.
+    """
+
+    config: str | None
+    demo: bool
+    # model
+    model: str
+    """``--model``; with ``--demo`` and no ``--model``, :func:`demo_base_path` of ``output_dir`` (see ``demo_base``)."""
+    revision: str | None
+    quantize: str
+    double_quant: bool
+    device: str
+    """This rank's device: ``--device``, else cuda when available, else cpu; under ``accelerate launch`` plain
+    ``cuda`` is ``cuda:LOCAL_RANK`` (``distributed.rank_device``)."""
+    base_dtype: str
+    # adapter
+    variant: str
+    num_experts: int | None
+    """M: ``--num-experts``, else ``method.config.DEFAULT_NUM_EXPERTS`` for perft / perft_d (``default_shape``)."""
+    top_k: int | None
+    """K': ``--top-k``, else ``method.config.DEFAULT_TOP_K`` for perft (``default_shape``)."""
+    bottleneck: int
+    alpha: float | None
+    activation: str | None
+    adapter_dropout: float
+    aux_loss_coef: float | None
+    base_aux_loss_coef: float | None
+    layers: tuple[int, ...] | None
+    lora_targets: tuple[str, ...]
+    adapter_dtype: str
+    # data
+    data: str
+    data_split: str
+    val_size: int
+    max_length: int
+    template: str
+    completion_only_loss: bool
+    # training
+    output_dir: str
+    epochs: float
+    max_steps: int
+    learning_rate: float | None
+    batch_size: int
+    """Examples per rank and step: ``--batch-size``, or with ``--global-batch-size`` G, G / (ranks x
+    ``--grad-accum``) (``distributed.per_rank_batch_size``)."""
+    global_batch_size: int | None
+    grad_accum: int
+    warmup_steps: int
+    lr_scheduler: str
+    weight_decay: float
+    max_grad_norm: float
+    seed: int
+    logging_steps: int
+    eval_steps: int
+    save_steps: int
+    save_total_limit: int
+    gradient_checkpointing: bool
+    offload_activations: bool
+    report_to: tuple[str, ...]
+    backend: str
+    resume: str | None
+    overwrite: bool
+    debug: bool
+    demo_base: bool
+    """Whether ``model`` is the shipped demo base, which this run copies to ``<output_dir>/base`` (``--demo``
+    without ``--model``); an earlier run's copy there is replaced like its checkpoints."""
 
 
 def _int_list(text: str) -> list[int]:
@@ -61,8 +144,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="unquantized base weights and the NF4 compute dtype (float32: exact CPU parity checks)")
     g = p.add_argument_group("adapter")
     g.add_argument("--variant", default="perft", choices=VARIANT_CHOICES, help="lora = peft LoRA on attention (baseline)")
-    g.add_argument("--num-experts", type=int, default=None, help="M PEFT experts (default: 4 for perft / perft_d)")
-    g.add_argument("--top-k", type=int, default=None, help="K' experts per token (perft; default: 2)")
+    g.add_argument("--num-experts", type=int, default=None, help=f"M PEFT experts (default: {DEFAULT_NUM_EXPERTS} for perft / perft_d)")
+    g.add_argument("--top-k", type=int, default=None, help=f"K' experts per token (perft; default: {DEFAULT_TOP_K})")
     g.add_argument("--bottleneck", type=int, default=16, help="DB, the bottleneck width (LoRA rank for --variant lora)")
     g.add_argument("--alpha", type=float, default=None, help="scaling alpha / DB (default: 2 * DB)")
     g.add_argument("--activation", default=None, choices=("silu", "gelu", "relu"), help="between down and up (default: none, i.e. LoRA-style linear)")
@@ -136,8 +219,9 @@ def _read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     return values
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Options after applying, in rising precedence: defaults, ``--demo`` presets, ``--config`` file, command line."""
+def parse_args(argv: list[str] | None = None) -> TrainOptions:
+    """The options, in rising precedence: defaults, ``--demo`` presets, ``--config`` file, command line;
+    then :func:`resolve`d."""
     parser = make_parser()
     first, _ = parser.parse_known_args(argv)
     if first.demo:
@@ -150,48 +234,75 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.demo and (args.model is None or args.data is None):
         parser.error("--model and --data are required (or pass --demo for the built-in tiny run)")
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.variant in ("perft", "perft_d") and args.num_experts is None:
-        args.num_experts = 4
-    if args.variant == "perft" and args.top_k is None:
-        args.top_k = 2
-    return args
+    return resolve(args)
 
 
-def perft_config_from_args(args: argparse.Namespace) -> PerftConfig:
-    """The adapter's config (validated by PerftConfig itself)."""
-    return PerftConfig(
-        variant=args.variant, num_experts=None if args.variant in ("perft_e", "perft_s") else args.num_experts,
-        top_k=args.top_k if args.variant == "perft" else None, bottleneck=args.bottleneck, alpha=args.alpha,
-        activation=args.activation, dropout=args.adapter_dropout, router_aux_loss_coef=args.aux_loss_coef,
-        layers=args.layers,
-    )
+def resolve(args: argparse.Namespace) -> TrainOptions:
+    """The parsed options with every derived value filled in (the :class:`TrainOptions` fields with a docstring):
+    this rank's device, the per-rank batch size, the demo base's path, M and K'."""
+    num_experts, top_k = default_shape(args.variant, args.num_experts, args.top_k)
+    demo_base = args.demo and args.model is None
+    batch_size = args.batch_size
+    if args.global_batch_size is not None:
+        batch_size = per_rank_batch_size(args.global_batch_size, args.grad_accum)
+    return TrainOptions(**{
+        **vars(args), "model": demo_base_path(args.output_dir) if demo_base else args.model,
+        "device": rank_device(args.device), "num_experts": num_experts, "top_k": top_k, "batch_size": batch_size,
+        "layers": None if args.layers is None else tuple(args.layers), "lora_targets": tuple(args.lora_targets),
+        "report_to": tuple(args.report_to), "demo_base": demo_base,
+    })
 
 
-def sft_config_from_args(args: argparse.Namespace, arch, has_validation: bool):
+_OPTION_NAMES = {"num_experts": "--num-experts", "top_k": "--top-k", "bottleneck": "--bottleneck",
+                 "dropout": "--adapter-dropout", "activation": "--activation", "variant": "--variant"}
+
+
+def make_perft_config(options: TrainOptions) -> PerftConfig | None:
+    """The adapter's config (None for ``--variant lora``), validated by ``PerftConfig`` itself; a bad knob is a
+    ``UsageError`` naming the option. Built once per run, before ``--demo`` writes anything."""
+    if options.variant == "lora":
+        if options.bottleneck < 1:
+            raise UsageError(f"--bottleneck (the LoRA rank) must be >= 1, got {options.bottleneck}")
+        return None
+    try:
+        return PerftConfig(
+            variant=options.variant,
+            num_experts=None if options.variant in ("perft_e", "perft_s") else options.num_experts,
+            top_k=options.top_k if options.variant == "perft" else None, bottleneck=options.bottleneck,
+            alpha=options.alpha, activation=options.activation, dropout=options.adapter_dropout,
+            router_aux_loss_coef=options.aux_loss_coef, layers=options.layers,
+        )
+    except ValueError as error:
+        text = str(error)
+        for field, option in _OPTION_NAMES.items():
+            text = re.sub(rf"\b{field}\b", option, text)
+        raise UsageError(f"{text}; fix the option (see --help)") from error
+
+
+def make_sft_config(options: TrainOptions, arch, has_validation: bool):
     """TRL ``SFTConfig`` for these options; ``arch`` (a ``MoEArch``) supplies the recipe's values."""
     from trl import SFTConfig
 
-    on_cpu = not str(args.device).startswith("cuda")
-    learning_rate = args.learning_rate if args.learning_rate is not None else arch.recipe_learning_rate
-    base_coef = args.base_aux_loss_coef if args.base_aux_loss_coef is not None else arch.base_aux_loss_coef
+    on_cpu = not options.device.startswith("cuda")
+    learning_rate = options.learning_rate if options.learning_rate is not None else arch.recipe_learning_rate
+    base_coef = options.base_aux_loss_coef if options.base_aux_loss_coef is not None else arch.base_aux_loss_coef
     return SFTConfig(
-        output_dir=args.output_dir, num_train_epochs=args.epochs, max_steps=args.max_steps, learning_rate=learning_rate,
-        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, warmup_steps=args.warmup_steps, lr_scheduler_type=args.lr_scheduler,
-        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, optim="adamw_torch", seed=args.seed,
-        logging_steps=args.logging_steps, logging_first_step=True, report_to=args.report_to,
-        eval_strategy="steps" if has_validation else "no", eval_steps=args.eval_steps,
-        save_strategy="steps", save_steps=args.save_steps, save_total_limit=args.save_total_limit,
+        output_dir=options.output_dir, num_train_epochs=options.epochs, max_steps=options.max_steps,
+        learning_rate=learning_rate, per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.batch_size, gradient_accumulation_steps=options.grad_accum,
+        warmup_steps=options.warmup_steps, lr_scheduler_type=options.lr_scheduler, weight_decay=options.weight_decay,
+        max_grad_norm=options.max_grad_norm, optim="adamw_torch", seed=options.seed,
+        logging_steps=options.logging_steps, logging_first_step=True, report_to=list(options.report_to),
+        eval_strategy="steps" if has_validation else "no", eval_steps=options.eval_steps,
+        save_strategy="steps", save_steps=options.save_steps, save_total_limit=options.save_total_limit,
         load_best_model_at_end=has_validation, metric_for_best_model="eval_loss", greater_is_better=False,
-        activation_checkpointing=args.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False, "offload": args.offload_activations},
-        max_length=args.max_length, completion_only_loss=args.completion_only_loss, packing=False,
+        activation_checkpointing=options.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False, "offload": options.offload_activations},
+        max_length=options.max_length, completion_only_loss=options.completion_only_loss, packing=False,
         router_aux_loss_coef=base_coef,
         use_cpu=on_cpu, bf16=not on_cpu, dataloader_pin_memory=not on_cpu,
         # Top-K routing leaves some PEFT experts without tokens in a micro-batch; DDP must tolerate that.
-        ddp_find_unused_parameters=args.variant in ("perft", "perft_e"),
+        ddp_find_unused_parameters=options.variant in ("perft", "perft_e"),
         # The NF4 weights are buffers (NF4Weight): DDP would otherwise re-send them all from rank 0 before every forward.
         ddp_broadcast_buffers=False,
     )

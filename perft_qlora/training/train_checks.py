@@ -1,0 +1,61 @@
+"""Checks of train's options that run before any model weight is read: the schedule, the options against the
+base model's config, the output directory. Each failure is a :class:`~perft_qlora.errors.UsageError` naming
+the problem and the fix.
+
+The adapter knobs are checked where they become a ``PerftConfig`` (``train_options.make_perft_config``), the
+base model's ``config.json`` by ``quant.model_config``, data files by ``records.read_records``; all of them
+also run before loading.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import UsageError
+from ..quant.arch import get_arch
+from .train_options import TrainOptions
+
+
+def check_schedule(options: TrainOptions) -> None:
+    """With held-out rows the best checkpoint is picked at evaluations, so checkpoints must fall on them."""
+    for option in ("eval_steps", "save_steps", "logging_steps"):
+        if getattr(options, option) < 1:
+            raise UsageError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(options, option)}")
+    if options.val_size > 0 and options.save_steps % options.eval_steps:
+        raise UsageError(
+            f"--save-steps {options.save_steps} is not a multiple of --eval-steps {options.eval_steps}: with held-out "
+            "rows (--val-size) the best checkpoint is chosen at evaluations; make it a multiple, or pass --val-size 0"
+        )
+
+
+def check_against_model(options: TrainOptions, config) -> None:
+    """The options that depend on the base model, given its ``config``: the base balance loss and ``--layers``."""
+    check_base_balance_loss(options, config)
+    if options.layers is not None:
+        layers = config.num_hidden_layers
+        bad = [i for i in options.layers if not 0 <= i < layers]
+        if bad or not options.layers:
+            raise UsageError(f"--layers {list(options.layers)}: {config.model_type} has decoder layers "
+                             f"0..{layers - 1}; pass indices in that range, or leave --layers out for all")
+
+
+def check_base_balance_loss(options: TrainOptions, config) -> None:
+    """``--base-aux-loss-coef`` > 0 only for families whose base router takes the Switch balance loss: TRL's
+    loss reads ``config.num_experts``, which DeepSeek-V3 / GLM-4 configs lack (they balance by a score bias)."""
+    coef = options.base_aux_loss_coef
+    arch = get_arch(config)
+    if coef and not arch.base_balance_loss:
+        raise UsageError(f"--base-aux-loss-coef {coef}: {arch.model_type} has no Switch balance loss on its base router "
+                         "(it balances with a score-correction bias, and TRL's loss needs config.num_experts, which "
+                         f"{arch.model_type} configs lack); leave --base-aux-loss-coef out (0 for this family)")
+
+
+def check_output_dir(path: str) -> None:
+    """``path`` must be a directory or creatable as one."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--output-dir {path} is a file; pass a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UsageError(f"--output-dir {path}: cannot create it under {parent} (not a writable directory)")
