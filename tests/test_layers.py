@@ -2,7 +2,8 @@
 
 Read from the source with ``ast`` (every ``import`` counts, including those inside functions: a lower layer
 importing a higher one lazily is a responsibility in the wrong place, not a way round a cycle). The layers, from
-the bottom up, are ``LAYERS`` below; packages on one row are siblings that must not import each other.
+the bottom up, are ``LAYERS`` below; packages on one row are siblings that must not import each other. Imports
+under ``if TYPE_CHECKING:`` name types for annotations and are never run: they are left out.
 """
 
 from __future__ import annotations
@@ -44,12 +45,22 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def imports_of(path: Path) -> list[tuple[str, int]]:
     """``(imported perft_qlora module, line)`` for every import in the file, relative ones resolved."""
     module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     found = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
+                   for stmt in block.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:  # annotations only: never imported at run time
+            continue
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
@@ -133,7 +144,8 @@ def test_the_graph_reader_sees_lazy_and_relative_imports(tmp_path, monkeypatch):
     """The checks above can fail: a lazy upward import inside a function is found and named."""
     fake = tmp_path / "perft_qlora"
     (fake / "quant").mkdir(parents=True)
-    (fake / "quant" / "x.py").write_text("def f():\n    from ..training.train import run\n    from .. import cli\n")
+    (fake / "quant" / "x.py").write_text("def f():\n    from ..training.train import run\n    from .. import cli\n"
+                                         "if TYPE_CHECKING:\n    from ..method.config import PerftConfig\n")
     monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
     assert imports_of(fake / "quant" / "x.py") == [("perft_qlora.training.train", 2), ("perft_qlora.cli", 3)]
     with pytest.raises(AssertionError, match=r"quant/x.py:2 \(quant\) imports perft_qlora.training.train"):
