@@ -20,6 +20,7 @@ import gradio as gr
 
 from perft_qlora import cli
 from perft_qlora.analysis.analysis_report import adapter_analysis_markdown
+from perft_qlora.method.adapters import named_adapters
 from perft_qlora.serving.chat import (
     BASE,
     STYLES,
@@ -316,17 +317,10 @@ def demo_paths(directory: str, build=build_demo_outputs) -> tuple[str, dict[str,
     return base, {"demo": adapter}
 
 
-def parse_adapter(spec: str) -> tuple[str, str]:
-    name, sep, directory = spec.partition("=")
-    if not sep or not name.strip() or not directory.strip():
-        raise argparse.ArgumentTypeError(f"--adapter takes NAME=DIR (e.g. perft=runs/perft-olmoe), got {spec!r}")
-    return name.strip(), directory.strip()
-
-
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="base model: Hub id or local save_pretrained directory")
-    parser.add_argument("--adapter", type=parse_adapter, action="append", default=[], metavar="NAME=DIR",
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                         help="an adapter directory written by save_adapter; repeat for more columns")
     parser.add_argument("--demo", action="store_true", help="the shipped small base and the demo adapter (trained first if missing), on CPU")
     parser.add_argument("--demo-dir", default="perft-demo", help="output of `train --demo` (default: %(default)s)")
@@ -352,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
 def serve(args: argparse.Namespace) -> None:
     from perft_qlora.quant.model_config import is_local_path, model_config
 
-    adapters = dict(args.adapter)
+    adapters = named_adapters(args.adapter, reserved=(BASE,))  # checked before the model loads
     if args.demo:
         base, demo_adapters = demo_paths(args.demo_dir)
         adapters, device = {**demo_adapters, **adapters}, args.device or "cpu"

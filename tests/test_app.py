@@ -70,10 +70,11 @@ def test_import_loads_nothing(monkeypatch):
 
 def test_cli(app_module, tmp_path, capsys):
     args = app_module.make_parser().parse_args(["--model", "m", "--adapter", "a=dir/a", "--adapter", "b = dir/b"])
-    assert args.host == "127.0.0.1" and args.adapter == [("a", "dir/a"), ("b", "dir/b")]
-    with pytest.raises(SystemExit):
-        app_module.make_parser().parse_args(["--adapter", "no-equals-sign"])
-    assert "NAME=DIR" in capsys.readouterr().err
+    assert args.host == "127.0.0.1" and args.adapter == ["a=dir/a", "b = dir/b"]
+    for bad, message in (("=dir/a", "takes NAME=DIR or DIR"), ("base=dir/a", "'base' is used twice or is reserved")):
+        with pytest.raises(SystemExit) as exit_info:  # read as evaluate and analyze read it, before any model loads
+            app_module.main(["--model", str(tmp_path), "--adapter", bad])
+        assert exit_info.value.code == 1 and message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         app_module.main([])
     assert "give --model" in capsys.readouterr().err

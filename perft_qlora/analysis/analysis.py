@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..method.adapters import adapter_kind
-from ..method.checkpoint import WEIGHTS_NAME, AdapterError, load_adapter, read_adapter_config
+from ..method.checkpoint import WEIGHTS_NAME, AdapterError, fingerprint_mismatches, load_adapter, read_adapter_config
 from ..method.model import detach_perft
 from ..quant.arch import get_arch
 from .geometry import (
@@ -58,13 +58,10 @@ def read_adapter_spec(name: str, directory: str, config) -> AdapterSpec:
         raise AdapterError(f"adapter {name} ({directory}) is a peft LoRA adapter on attention: it has no PEFT "
                            "experts or router to place among the base experts; pass PERFT adapters only")
     metadata = read_adapter_config(directory)
-    arch = get_arch(config)
-    expected = {"model_type": arch.model_type, "hidden_size": config.hidden_size,
-                "num_experts": arch.num_experts(config), "num_layers": config.num_hidden_layers}
-    wrong = {k: metadata.get(k) for k, v in expected.items() if metadata.get(k) != v}
+    wrong = fingerprint_mismatches(metadata, config)
     if wrong:
-        trained = ", ".join(f"{k}={v!r}" for k, v in wrong.items())
-        found = ", ".join(f"{k}={expected[k]!r}" for k in wrong)
+        trained = ", ".join(f"{k}={v[0]!r}" for k, v in wrong.items())
+        found = ", ".join(f"{k}={v[1]!r}" for k, v in wrong.items())
         raise AdapterError(f"adapter {name} ({directory}) was trained for another base model ({trained}); "
                            f"this base has {found}")
     if not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):

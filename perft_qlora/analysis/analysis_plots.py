@@ -7,17 +7,15 @@ never switches a notebook's backend. :func:`draw_all` returns ``[(file name, tit
 from __future__ import annotations
 
 import os
-import tempfile
+
+from ..atomic import atomic_path
 
 ADAPTER_COLORS = ("#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 
 
 def _save(figure, out_dir: str, name: str) -> str:
-    handle, temporary = tempfile.mkstemp(dir=out_dir, suffix=".png")
-    os.close(handle)
-    figure.savefig(temporary, dpi=110)
-    os.chmod(temporary, 0o644)  # mkstemp makes it private
-    os.replace(temporary, os.path.join(out_dir, name))
+    with atomic_path(os.path.join(out_dir, name)) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
     return name
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import tempfile
+
+from ..atomic import write_text
 
 JSON_NAME = "analysis.json"
 REPORT_NAME = "report.md"
@@ -26,14 +27,6 @@ def default_out_dir(adapter_dirs: list[str]) -> str:
     if not adapter_dirs:
         return DIR_NAME
     return os.path.join(os.path.dirname(os.path.abspath(adapter_dirs[0])), DIR_NAME)
-
-
-def _write_text(path: str, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(temporary, 0o644)  # mkstemp makes it private; the report is meant to be read
-    os.replace(temporary, path)
 
 
 def plots_available() -> bool:
@@ -51,8 +44,8 @@ def write_analysis(result: dict, out_dir: str, command: str | None = None) -> di
     result = {**result, "figures": [{"file": f, "title": t, "caption": c} for f, t, c in figures]}
     if command:
         result["command"] = command
-    _write_text(os.path.join(out_dir, JSON_NAME), json.dumps(result, indent=1))
-    _write_text(os.path.join(out_dir, REPORT_NAME), report_markdown(result))
+    write_text(os.path.join(out_dir, JSON_NAME), json.dumps(result, indent=1))
+    write_text(os.path.join(out_dir, REPORT_NAME), report_markdown(result))
     return {"json": os.path.join(out_dir, JSON_NAME), "report": os.path.join(out_dir, REPORT_NAME),
             "plots": [os.path.join(out_dir, f) for f, _, _ in figures]}
 

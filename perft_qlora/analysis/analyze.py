@@ -29,7 +29,7 @@ from ..cli import add_debug_option, error_path, positive_int
 from ..errors import UsageError
 from ..formats.prompts import DEFAULT_TEMPLATE, get_template
 from ..formats.records import read_records
-from ..method.adapters import recorded_training
+from ..method.adapters import named_adapters, recorded_training
 from ..quant.arch import get_arch
 from .analysis import analyze, read_adapter_spec
 from .analysis_report import PLOTS_NEED, default_out_dir, write_analysis
@@ -60,15 +60,8 @@ def parse_layers(spec: str | None, num_layers: int) -> list[int]:
 
 def parse_adapters(values: list[str], config) -> list:
     """``NAME=DIR`` or ``DIR`` (named after its folder) -> checked ``AdapterSpec``s, in order."""
-    specs = []
-    for value in values:
-        name, sep, directory = value.partition("=")
-        if not sep:
-            name, directory = os.path.basename(os.path.normpath(value)), value
-        if name in [s.name for s in specs] or name in ("base", "random"):  # the report's own rows
-            raise InputError(f"adapter name {name!r} is used twice or is reserved; name them: --adapter NAME=DIR")
-        specs.append(read_adapter_spec(name, os.path.expanduser(directory), config))
-    return specs
+    named = named_adapters(values, reserved=("base", "random"))  # the report's own rows
+    return [read_adapter_spec(name, directory, config) for name, directory in named.items()]
 
 
 def projection_method(choice: str) -> str:

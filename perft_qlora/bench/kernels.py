@@ -21,14 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
+from ..atomic import write_text
 from ..cli import HelpFormatter
+from ..errors import UsageError
 from ..kernels import (
     backend_choices,
     grouped_nf4_expert_mlp,
@@ -227,15 +227,6 @@ def render(rows: list[dict], header: str) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench-")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m perft_qlora.bench kernels", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
@@ -277,5 +268,5 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         record = dict(device=name, torch=torch.__version__, requested_backend=os.environ.get("PERFT_QLORA_KERNELS", "auto"),
                       backend_choices=backend_choices(), rows=rows)
-        _write_atomic(args.out, json.dumps(record, indent=1))
+        write_text(args.out, json.dumps(record, indent=1))
     return 0

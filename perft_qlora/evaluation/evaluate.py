@@ -21,8 +21,14 @@ from dataclasses import dataclass
 from .._version import __version__
 from ..cli import add_debug_option, error_path, positive_int
 from ..formats.prompts import DEFAULT_TEMPLATE, TEMPLATES
-from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter, training_record
-from ..method.checkpoint import WEIGHTS_NAME, AdapterError, verify_adapter_files, verify_safetensors
+from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter, named_adapters, training_record
+from ..method.checkpoint import (
+    WEIGHTS_NAME,
+    AdapterError,
+    fingerprint_mismatches,
+    verify_adapter_files,
+    verify_safetensors,
+)
 from ..quant.loader import load_model
 from ..quant.model_config import is_local_path, model_config
 from .predictions import PredictionsError, PredictionStore
@@ -51,14 +57,9 @@ def parse_adapters(values: list[str], model_config=None) -> dict[str, str]:
     """``NAME=DIR`` or ``DIR`` (named after its folder) -> ``{name: dir}``; each dir must hold a usable adapter
     (config and a complete weights file) trained for ``model_config``'s shapes when that is given."""
     adapters: dict[str, str] = {}
-    for value in values:
-        name, sep, directory = value.partition("=")
-        if not sep:
-            name, directory = os.path.basename(os.path.normpath(value)), value
+    for name, directory in named_adapters(values, reserved=(BASE_LABEL,)).items():
         if not os.path.isdir(directory):
-            raise AdapterError(f"adapter directory {directory} does not exist (from --adapter {value})")
-        if name in adapters or name == BASE_LABEL:
-            raise AdapterError(f"adapter name {name!r} is used twice or is reserved; name them: --adapter NAME=DIR")
+            raise AdapterError(f"adapter directory {directory} does not exist (from --adapter {name}={directory})")
         if adapter_kind(directory) == "peft":  # the LoRA baseline: peft checks its fit when it loads
             weights = os.path.join(directory, WEIGHTS_NAME)
             if os.path.exists(weights):
@@ -66,15 +67,12 @@ def parse_adapters(values: list[str], model_config=None) -> dict[str, str]:
             adapters[name] = os.path.abspath(directory)
             continue
         metadata = verify_adapter_files(directory)
-        if model_config is not None:  # compare with the base model's config before loading any weights
-            config = model_config
-            found = (config.model_type, config.hidden_size, config.num_hidden_layers)
-            trained = (metadata.get("model_type"), metadata.get("hidden_size"), metadata.get("num_layers"))
-            if found != trained:
-                raise AdapterError(
-                    f"adapter {directory} was trained for (model_type, hidden_size, layers) = {trained}, "
-                    f"but the base model has {found}; pass the base model it was trained on"
-                )
+        wrong = fingerprint_mismatches(metadata, model_config) if model_config is not None else {}
+        if wrong:  # compared with the base model's config.json before any weight loads
+            trained = ", ".join(f"{k}={v[0]!r}" for k, v in wrong.items())
+            found = ", ".join(f"{k}={v[1]!r}" for k, v in wrong.items())
+            raise AdapterError(f"adapter {directory} was trained for {trained}, but the base model has {found}; "
+                               "pass the base model it was trained on")
         adapters[name] = os.path.abspath(directory)
     return adapters
 

@@ -1,6 +1,6 @@
 """The evaluation summary: per-model, per-task accuracy, the settings that produced it, JSON and markdown.
 
-``summary.json`` and ``results.md`` are rewritten atomically (temporary file + ``os.replace``) after every
+``summary.json`` and ``results.md`` are rewritten atomically (``perft_qlora.atomic``) after every
 finished task, so a reader never sees half a file and a stopped run still has its finished tasks summarized.
 """
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
+from ..atomic import write_text
 from .extract import INVALID
 from .tasks import GROUPS, TASKS
 
@@ -18,26 +18,6 @@ SUMMARY_NAME = "summary.json"
 TABLE_NAME = "results.md"
 RESUME_KEYS = ("model", "decoding")
 """Settings that must equal the previous run's for ``--resume`` to reuse its predictions."""
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling file and ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 def score(records: list[dict], skipped_rows: int = 0) -> dict:
@@ -106,8 +86,8 @@ class Summary:
         return "/".join(str(n) for n in totals)
 
     def write(self, output_dir: str) -> None:
-        atomic_write_text(os.path.join(output_dir, SUMMARY_NAME), json.dumps(self.to_dict(), indent=2) + "\n")
-        atomic_write_text(os.path.join(output_dir, TABLE_NAME), self.markdown())
+        write_text(os.path.join(output_dir, SUMMARY_NAME), json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text(os.path.join(output_dir, TABLE_NAME), self.markdown())
 
 
 def _percent(value: float | None) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..atomic import write_json
 from .checkpoint import AdapterError, load_adapter, read_adapter_config, read_config_json
 from .model import detach_perft
 
@@ -41,10 +42,7 @@ def training_record(directory: str) -> dict:
 
 def write_training_record(directory: str, training: dict) -> None:
     """Write :data:`TRAINING_NAME` into a peft adapter's ``directory`` (atomically: temporary file, rename)."""
-    path = os.path.join(directory, TRAINING_NAME)
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump({"training": training}, handle, indent=2, default=str)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(directory, TRAINING_NAME), {"training": training}, default=str)
 
 
 def adapter_kind(directory: str) -> str:
@@ -73,3 +71,27 @@ def detach_adapter(model):
     if hasattr(model, "unload") and hasattr(model, "peft_config"):
         return model.unload()  # peft: drops the LoRA layers without merging them
     return detach_perft(model)
+
+
+def split_adapter_spec(value: str) -> tuple[str, str]:
+    """``NAME=DIR`` -> ``(NAME, DIR)``; a plain ``DIR`` is named after its folder. The one reading of
+    ``--adapter`` for evaluate, analyze and the app."""
+    name, sep, directory = value.partition("=")
+    if not sep:
+        name, directory = os.path.basename(os.path.normpath(value)), value
+    name, directory = name.strip(), os.path.expanduser(directory.strip())
+    if not name or not directory:
+        raise AdapterError(f"--adapter takes NAME=DIR or DIR (e.g. perft=runs/perft-olmoe), got {value!r}")
+    return name, directory
+
+
+def named_adapters(values: list[str], reserved: tuple[str, ...] = ()) -> dict[str, str]:
+    """``--adapter`` values -> ``{name: directory}`` in order; names unique and none of ``reserved`` (the
+    command's own rows or columns, e.g. the base model's)."""
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, directory = split_adapter_spec(value)
+        if name in adapters or name in reserved:
+            raise AdapterError(f"adapter name {name!r} is used twice or is reserved; name them: --adapter NAME=DIR")
+        adapters[name] = directory
+    return adapters

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .._version import __version__
 from ..errors import PerftQloraError
-from ..quant.arch import decoder_layers, get_arch
+from ..quant.arch import get_arch
 from .config import PerftConfig
 from .model import attach_perft, detach_perft, iter_perft_blocks
 
@@ -54,8 +54,22 @@ def _whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def base_fingerprint(config) -> dict:
+    """What an adapter records of its base model and must find again: family, width, routed experts, decoder
+    layers, all read from the base's ``config`` (so a ``config.json`` checks an adapter before any weight loads;
+    a loaded model has ``config.num_hidden_layers`` decoder layers in every supported family)."""
+    arch = get_arch(config)
+    return {"model_type": arch.model_type, "hidden_size": config.hidden_size, "num_experts": arch.num_experts(config),
+            "num_layers": config.num_hidden_layers}
+
+
+def fingerprint_mismatches(metadata: dict, config) -> dict[str, tuple]:
+    """``{key: (the adapter's, the base's)}`` for each fingerprint value that differs; empty when they fit."""
+    return {key: (metadata.get(key), value) for key, value in base_fingerprint(config).items()
+            if metadata.get(key) != value}
+
+
 def _adapter_metadata(model) -> dict:
-    arch = get_arch(model.config)
     config: PerftConfig = model.perft_config
     return {
         "format_version": FORMAT_VERSION,
@@ -63,10 +77,7 @@ def _adapter_metadata(model) -> dict:
         "library_version": __version__,
         "perft": config.to_dict(),
         "base_model_name_or_path": getattr(model.config, "_name_or_path", None),
-        "model_type": arch.model_type,
-        "hidden_size": model.config.hidden_size,
-        "num_experts": arch.num_experts(model.config),
-        "num_layers": len(decoder_layers(model)),
+        **base_fingerprint(model.config),
         "layers": [i for i, _ in iter_perft_blocks(model)],
     }
 
@@ -181,18 +192,8 @@ def verify_adapter_files(directory: str) -> dict:
 
 
 def _check_compatible(model, metadata: dict, directory: str) -> None:
-    arch = get_arch(model.config)
-    expected = {
-        "model_type": arch.model_type,
-        "hidden_size": model.config.hidden_size,
-        "num_experts": arch.num_experts(model.config),
-        "num_layers": len(decoder_layers(model)),
-    }
-    for key, value in expected.items():
-        if metadata.get(key) != value:
-            raise AdapterError(
-                f"adapter in {directory} was trained for {key}={metadata.get(key)!r} but this model has {value!r}"
-            )
+    for key, (trained, found) in fingerprint_mismatches(metadata, model.config).items():
+        raise AdapterError(f"adapter in {directory} was trained for {key}={trained!r} but this model has {found!r}")
 
 
 def load_adapter(model, directory: str):

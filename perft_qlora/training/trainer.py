@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from trl import SFTTrainer
 
+from ..atomic import write_text
 from ..kernels import backend_choices
 from ..method.adapters import write_training_record
 from ..method.checkpoint import CARD_NAME, AdapterError, adapter_state_dict, load_adapter, save_adapter
@@ -188,9 +189,7 @@ class PerftSFTTrainer(SFTTrainer):
         report = parameter_report(perft) if perft is not None else None  # LoRA: peft writes its own card too
         card = render_model_card(self._training_metadata(), perft.perft_config.to_dict() if perft else None, report,
                                  os.path.join(self.args.output_dir, "adapter"))
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        with open(os.path.join(self.args.output_dir, CARD_NAME), "w", encoding="utf-8") as handle:
-            handle.write(card)
+        write_text(os.path.join(self.args.output_dir, CARD_NAME), card)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         perft = _perft_model(model if model is not None else self.model)
