@@ -28,6 +28,7 @@ from .method.config import PerftConfig, default_shape
 from .method.variants import BlockFacts, build_adapter
 from .quant.arch import ARCHITECTURES, SHIPPED_CONFIGS, decoder_layers
 from .quant.footprint import Footprint, layer_footprints, weight_footprint
+from .quant.memory import format_bytes
 
 KNOWN_MODELS = {name: shipped.hub_id for name, shipped in SHIPPED_CONFIGS.items()}
 """Short name -> hub model whose public config.json is shipped as ``configs/<short name>.json`` (the registry's)."""
@@ -251,10 +252,7 @@ def _gathered_bytes(model, device: str, double_quant: bool) -> int:
 
 def _gib(n: int) -> str:
     """GiB with two decimals; small amounts in the largest unit that shows them (MiB, KiB, B)."""
-    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size // 10:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
+    return format_bytes(n, down_to=10)
 
 
 def format_plan(plan: MemoryPlan, perft_config: PerftConfig, batch: int, seq: int) -> str:

@@ -22,13 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .host_memory import HostPeak, HostPeakReport
+from .memory import format_bytes
 
 GIB = 2**30
 BAR_FORMAT = "{desc}{postfix} | {n:.2f}/{total:.2f} GiB |{bar}| {elapsed}<{remaining}, {rate_fmt}"
 
 
 def _gib(n: int | None) -> str:
-    return "?" if n is None else f"{n / GIB:.2f} GiB"
+    return "?" if n is None else format_bytes(n, "GiB")
 
 
 @dataclass

@@ -74,19 +74,26 @@ class MemoryReport:
     def __str__(self) -> str:
         lines = [f"{'kind':<11}{'nf4':>12}{'scales':>12}  dense", "-" * 60]
         for kind in KINDS:
-            dense = ", ".join(f"{dt} {_fmt(n)}" for dt, n in sorted(self.dense[kind].items()))
+            dense = ", ".join(f"{dt} {format_bytes(n)}" for dt, n in sorted(self.dense[kind].items()))
             if self.nf4[kind] or self.scales[kind] or dense:
-                lines.append(f"{kind:<11}{_fmt(self.nf4[kind]):>12}{_fmt(self.scales[kind]):>12}  {dense}")
-        lines.append(f"total {_fmt(self.total)}; experts {self.expert_fraction_4bit():.1%} packed 4-bit")
+                lines.append(f"{kind:<11}{format_bytes(self.nf4[kind]):>12}{format_bytes(self.scales[kind]):>12}  {dense}")
+        lines.append(f"total {format_bytes(self.total)}; experts {self.expert_fraction_4bit():.1%} packed 4-bit")
         return "\n".join(lines)
 
 
-def _fmt(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
+UNITS = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10}
+
+
+def format_bytes(n: int, unit: str | None = None, down_to: int = 1) -> str:
+    """``n`` bytes with two decimals, in ``unit`` or else the largest unit of which ``n`` holds at least
+    ``1/down_to`` (``down_to=10``: 0.10 GiB rather than 102.40 MiB); below a KiB, whole bytes. The package's one
+    byte formatter (memory reports, the planner, load reports)."""
+    if unit is not None:
+        return f"{n / UNITS[unit]:.2f} {unit}"
+    for name, size in UNITS.items():
+        if n >= size // down_to:
+            return f"{n / size:.2f} {name}"
+    return f"{n:.0f} B"
 
 
 def memory_report(model: nn.Module) -> MemoryReport:
