@@ -11,8 +11,8 @@ from torch.nn.utils import parametrize
 
 from perft_qlora import load_model, memory_report
 from perft_qlora.bench import train as bench_train
-from perft_qlora.errors import UsageError
 from perft_qlora.bench.random_checkpoint import arch_config, write_random_checkpoint
+from perft_qlora.errors import UsageError
 
 
 def test_published_shapes():

@@ -21,7 +21,8 @@ from perft_qlora import (
     save_adapter,
 )
 from perft_qlora.formats.prompts import TEMPLATES, format_prompt
-from perft_qlora.serving.chat import BASE, ChatError, ChatModel, GenerationSettings, RoutingRecorder
+from perft_qlora.method.recorder import RouterRecorder
+from perft_qlora.serving.chat import BASE, ChatError, ChatModel, GenerationSettings
 from perft_qlora.training.tiny import save_tiny_model
 
 ADAPTERS = {
@@ -189,13 +190,13 @@ def test_routing_trace_matches_a_full_forward(chat):
 def test_recorder_hooks_are_on_instances_and_removed(chat):
     chat._activate("perft")
     blocks = [b for _, b in iter_perft_blocks(chat.model)]
-    recorder = RoutingRecorder(chat.model)
+    recorder = RouterRecorder(chat.model)
     assert len(recorder.handles) == 2 * NUM_LAYERS
     assert all(len(b.perft_router._forward_hooks) == 1 and len(b.base.gate._forward_hooks) == 1 for b in blocks)
     recorder.remove()
     assert all(not b.perft_router._forward_hooks and not b.base.gate._forward_hooks for b in blocks)
     chat._activate(BASE)
-    recorder = RoutingRecorder(chat.model)
+    recorder = RouterRecorder(chat.model)
     assert len(recorder.handles) == NUM_LAYERS  # the base model: its routers only
     recorder.remove()
 

@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from perft_qlora import PerftConfig, attach_perft, load_model, memory_report
 from perft_qlora.bench.random_checkpoint import write_random_checkpoint
+from perft_qlora.plan import KNOWN_MODELS, activation_bytes, main, make_plan, moe_facts, read_config
 from perft_qlora.quant.arch import ARCHITECTURES, PLANNED_ONLY
 from perft_qlora.quant.footprint import weight_footprint
-from perft_qlora.plan import KNOWN_MODELS, activation_bytes, main, make_plan, moe_facts, read_config
 from perft_qlora.quant.sharding import shardable_storage
 from perft_qlora.training.tiny import tiny_config
 

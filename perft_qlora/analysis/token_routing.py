@@ -1,6 +1,6 @@
 """How real tokens are routed: every layer's base-router and PEFT-router choices over a set of texts.
 
-:class:`TokenRoutingRecorder` hooks the router instances (removed afterwards); :func:`record_routing`
+:func:`record_routing` hooks the router instances (``method.recorder.RouterRecorder``, removed afterwards),
 runs the texts one at a time (no padding to mask) and returns the choices per layer;
 :func:`base_summary` and :func:`adapter_summary` turn them into JSON-ready numbers with ``stats.py``.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..method.layer import PerftMoEBlock
+from ..method.recorder import RouterRecorder
 from ..method.stats import (
     agreement,
     co_occurrence,
@@ -19,45 +19,9 @@ from ..method.stats import (
     normalized_mutual_information,
     topk_overlap,
 )
-from ..quant.arch import decoder_layers, get_arch
 
 ROUTED_VARIANTS = ("perft", "perft_e")
 """Variants whose PEFT experts are chosen per token; the others run all of them for every token."""
-
-
-class TokenRoutingRecorder:
-    """Forward hooks on each layer's base router and PERFT router; ``base[i]`` / ``peft[i]``: lists of (T, K)."""
-
-    def __init__(self, model):
-        arch = get_arch(model.config)
-        self.base: dict[int, list[torch.Tensor]] = {}
-        self.peft: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.handles = []
-        for i, layer in enumerate(decoder_layers(model)):
-            block = getattr(layer, arch.moe_block)
-            base = block.base if isinstance(block, PerftMoEBlock) else block
-            self.base[i] = []
-            self.handles.append(getattr(base, arch.router).register_forward_hook(self._base_hook(i)))
-            if isinstance(block, PerftMoEBlock):
-                self.peft[i] = []
-                self.handles.append(block.perft_router.register_forward_hook(self._peft_hook(i)))
-
-    def _base_hook(self, layer: int):
-        def record(_module, _args, output):
-            self.base[layer].append(output[2].detach().cpu())  # (T, K) base expert ids
-
-        return record
-
-    def _peft_hook(self, layer: int):
-        def record(_module, _args, routing):
-            self.peft[layer].append((routing.indices.detach().cpu(), routing.weights.detach().float().cpu()))
-
-        return record
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
 
 
 @torch.no_grad()
@@ -66,19 +30,16 @@ def record_routing(model, token_ids: list[torch.Tensor]) -> dict[int, dict[str, 
 
     ``token_ids``: one (L,) tensor per text; T is their total length.
     """
-    recorder = TokenRoutingRecorder(model)
     device = next(model.parameters()).device
-    try:
+    with RouterRecorder(model) as recorder:
         for ids in token_ids:
             model(input_ids=ids[None].to(device))
-    finally:
-        recorder.remove()
     out = {}
-    for i, chunks in recorder.base.items():
-        out[i] = {"base": torch.cat(chunks)}
+    for i, calls in recorder.base.items():
+        out[i] = {"base": RouterRecorder.indices(calls)}
         if recorder.peft.get(i):
-            out[i]["peft"] = torch.cat([idx for idx, _ in recorder.peft[i]])
-            out[i]["peft_weights"] = torch.cat([w for _, w in recorder.peft[i]])
+            out[i]["peft"] = RouterRecorder.indices(recorder.peft[i])
+            out[i]["peft_weights"] = RouterRecorder.weights(recorder.peft[i])
     return out
 
 

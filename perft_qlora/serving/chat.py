@@ -13,7 +13,6 @@ hooks on the routers' instances, removed after the request).
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 import weakref
@@ -25,19 +24,12 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from ..errors import PerftQloraError
 from ..formats.prompts import DEFAULT_TEMPLATE, get_template
-from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter, recorded_training, training_record
-from ..method.checkpoint import (
-    AdapterError,
-    adapter_parameters,
-    adapter_state_dict,
-    load_adapter,
-    read_adapter_config,
-    read_config_json,
-)
-from ..method.config import PerftConfig
-from ..method.layer import PerftMoEBlock
-from ..method.model import ParameterReport, attach_perft, iter_perft_blocks, parameter_report
-from ..quant.arch import decoder_layers, get_arch
+from ..method.adapter_bank import AdapterBank, BankedAdapter
+from ..method.adapters import recorded_training
+from ..method.checkpoint import AdapterError
+from ..method.model import iter_perft_blocks
+from ..method.recorder import RouterRecorder
+from ..quant.arch import get_arch
 from ..quant.loader import load_model
 
 BASE = "base"
@@ -115,31 +107,6 @@ class StreamUpdate:
         return f"{self.num_tokens} tokens · {self.tokens_per_s:.1f} tokens/s{state}"
 
 
-@dataclass
-class _Adapter:
-    directory: str
-    config: PerftConfig | None
-    """None for a peft adapter (the LoRA baseline), which is re-read from ``directory`` when activated."""
-    state: dict[str, torch.Tensor] | None
-    metadata: dict
-    report: object
-
-    @property
-    def variant(self) -> str:
-        return self.config.variant if self.config is not None else f"peft {self.metadata.get('peft_type', '?').lower()}"
-
-    @property
-    def template(self) -> str:
-        """The prompt template the adapter was trained with (recorded by training), else the default."""
-        return recorded_training(self.metadata).get("template") or DEFAULT_TEMPLATE
-
-    @property
-    def knobs(self) -> dict:
-        if self.config is not None:
-            return self.config.to_dict()
-        return {k: self.metadata.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
-
-
 class _CancelAndCount(StoppingCriteria):
     """Stops generation once ``cancel`` is set; counts generated tokens and times the latest one."""
 
@@ -155,49 +122,16 @@ class _CancelAndCount(StoppingCriteria):
         return self.count / max(self.last - self.start, 1e-9) if self.count else 0.0
 
 
-class RoutingRecorder:
-    """Forward hooks on every layer's base router and PERFT router (instance modules), removed by ``remove``.
+def routing_trace(recorder: RouterRecorder, token_ids: list[int], tokens: list[str], **facts) -> RoutingTrace:
+    """The per-token trace of one generation recorded with ``RouterRecorder(model, last_token_only=True)``:
+    forward step ``j`` (batch size 1) computed the position that picked generated token ``j``."""
+    n = len(token_ids)
 
-    Each model forward calls each router once; the last row of its output is the position whose logits
-    pick the next token, so forward step ``j`` gives generated token ``j``'s routing (batch size 1).
-    """
+    def steps(calls) -> list[list[Expert]]:
+        return [sorted(zip(idx[0].tolist(), w[0].tolist()), key=lambda e: -e[1]) for w, idx in calls[:n]]
 
-    def __init__(self, model):
-        arch = get_arch(model.config)
-        self.base: dict[int, list[Expert]] = {}
-        self.peft: dict[int, list[Expert]] = {}
-        self.handles = []
-        for i, layer in enumerate(decoder_layers(model)):
-            block = getattr(layer, arch.moe_block)
-            if not arch.is_moe_block(block):  # dense MLP layers (DeepSeek's first ones) route nothing
-                continue
-            if isinstance(block, PerftMoEBlock):
-                self._hook(self.base, i, getattr(block.base, arch.router), lambda out: (out[1], out[2]))
-                self._hook(self.peft, i, block.perft_router, lambda out: (out.weights, out.indices))
-            else:
-                self._hook(self.base, i, getattr(block, arch.router), lambda out: (out[1], out[2]))
-
-    def _hook(self, store: dict, layer: int, module, unpack) -> None:
-        store[layer] = []
-
-        def record(_module, _args, output):
-            weights, indices = unpack(output)  # (T, K), (T, K)
-            w, idx = weights[-1].detach().float().cpu().tolist(), indices[-1].detach().cpu().tolist()
-            store[layer].append(sorted(zip(idx, w), key=lambda e: -e[1]))
-
-        self.handles.append(module.register_forward_hook(record))
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    def trace(self, token_ids: list[int], tokens: list[str], **facts) -> RoutingTrace:
-        n = len(token_ids)
-        return RoutingTrace(
-            tokens=tokens, token_ids=token_ids, base={i: steps[:n] for i, steps in self.base.items()},
-            peft={i: steps[:n] for i, steps in self.peft.items()}, **facts,
-        )
+    return RoutingTrace(tokens=tokens, token_ids=token_ids, base={i: steps(c) for i, c in recorder.base.items()},
+                        peft={i: steps(c) for i, c in recorder.peft.items()}, **facts)
 
 
 def message_text(message: dict) -> str:
@@ -217,14 +151,13 @@ class ChatModel:
     """A frozen base model, its tokenizer, and named adapters served one request at a time."""
 
     def __init__(self, model, tokenizer, name: str = "base model"):
-        self.model, self.tokenizer, self.name = model, tokenizer, name
-        if getattr(model, "perft_config", None) is not None:
-            raise ChatError("pass the base model without an adapter attached; register adapters by name instead")
+        self.tokenizer, self.name = tokenizer, name
+        try:
+            self.bank = AdapterBank(model)
+        except AdapterError as err:
+            raise ChatError(str(err)) from None
         self.arch = get_arch(model.config)
-        self.adapters: dict[str, _Adapter] = {}
-        self.active = BASE
         self._lock = threading.Lock()
-        self._base_report = parameter_report(model)
         self._cancels: weakref.WeakValueDictionary[str, threading.Event] = weakref.WeakValueDictionary()
 
     @classmethod
@@ -232,6 +165,19 @@ class ChatModel:
         """Load the base model once (NF4 by default)."""
         model, tokenizer = load_model(name_or_path, quantize=quantize, device=device, progress=True)
         return cls(model, tokenizer, name=name_or_path)
+
+    @property
+    def model(self):
+        """The base model with the active adapter on it (the bank swaps adapters in place)."""
+        return self.bank.model
+
+    @property
+    def adapters(self) -> dict[str, BankedAdapter]:
+        return self.bank.entries
+
+    @property
+    def active(self) -> str:
+        return self.bank.active or BASE
 
     @property
     def names(self) -> list[str]:
@@ -246,34 +192,7 @@ class ChatModel:
             taken = "is reserved for the base model" if name == BASE else "is already registered"
             raise AdapterError(f"adapter name {name!r} {taken if name else 'is empty'}; pick another NAME in NAME=DIR")
         with self._lock:
-            self._detach()
-            try:
-                entry = self._peft_entry(directory) if adapter_kind(directory) == "peft" else self._perft_entry(directory)
-            except OSError as err:
-                raise AdapterError(f"cannot read adapter {directory}: {err}") from err
-            finally:
-                self._detach()
-        self.adapters[name] = entry
-
-    def _perft_entry(self, directory: str) -> _Adapter:
-        """Load a PERFT adapter once and keep a copy of its tensors; call with the lock held."""
-        metadata = read_adapter_config(directory)
-        load_adapter(self.model, directory)
-        state = {k: v.clone() for k, v in adapter_state_dict(self.model).items()}
-        return _Adapter(directory, dataclasses.replace(self.model.perft_config), state, metadata,
-                        parameter_report(self.model))
-
-    def _peft_entry(self, directory: str) -> _Adapter:
-        """Check a peft adapter fits the base (attach, count its LoRA values, detach); call with the lock held."""
-        adapted = attach_saved_adapter(self.model, directory)
-        try:
-            values = sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n)
-        finally:
-            self.model = detach_adapter(adapted)
-        base = self._base_report
-        report = ParameterReport(values, values, base.backbone, base.backbone_per_token)  # LoRA is dense per token
-        metadata = {**read_config_json(directory), "extra": {"training": training_record(directory)}}
-        return _Adapter(directory, None, None, metadata, report)
+            self.bank.register(name, directory)
 
     def register_many(self, specs: dict[str, str]) -> dict[str, str]:
         """Register each ``name -> directory``; returns ``name -> error message`` for those that failed."""
@@ -288,7 +207,7 @@ class ChatModel:
     def info(self, name: str) -> dict:
         """Variant, knobs, trainable/activated parameters and the adapter's saved metadata."""
         if name == BASE:
-            r = self._base_report
+            r = self.bank.base_report
             return {"name": BASE, "model": self.name, "model_type": self.arch.model_type,
                     "backbone_parameters": r.backbone, "backbone_parameters_per_token": r.backbone_per_token}
         entry = self._adapter(name)
@@ -300,32 +219,22 @@ class ChatModel:
             "backbone_parameters_per_token": r.backbone_per_token, "adapter_config": entry.metadata,
         }
 
-    def _adapter(self, name: str) -> _Adapter:
+    def _adapter(self, name: str) -> BankedAdapter:
         if name not in self.adapters:
             raise ChatError(f"unknown adapter {name!r}; registered: {', '.join(self.names)}")
         return self.adapters[name]
 
-    def _detach(self) -> None:
-        if getattr(self.model, "perft_config", None) is not None or hasattr(self.model, "peft_config"):
-            self.model = detach_adapter(self.model)
-        self.active = BASE
+    def _template(self, name: str | None) -> str:
+        """The prompt template adapter ``name`` was trained with (recorded by training), else the default."""
+        entry = self.adapters.get(name) if name is not None else None
+        trained = recorded_training(entry.metadata).get("template") if entry is not None else None
+        return trained or DEFAULT_TEMPLATE
 
     def _activate(self, name: str) -> None:
         """Put adapter ``name`` (or the bare base) on the model; call with the lock held."""
-        if name == self.active:
-            return
-        entry = self._adapter(name) if name != BASE else None
-        self._detach()
-        if entry is not None and entry.config is None:  # peft: re-read its (small) files
-            self.model = attach_saved_adapter(self.model, entry.directory)
-            self.active = name
-        elif entry is not None:
-            dtype = next(iter(entry.state.values())).dtype  # as load_adapter attached it (bf16 or fp32 masters)
-            attach_perft(self.model, entry.config, dtype=dtype)
-            with torch.no_grad():
-                for key, param in adapter_parameters(self.model).items():
-                    param.copy_(entry.state[key])
-            self.active = name
+        if name != BASE:
+            self._adapter(name)
+        self.bank.activate(None if name == BASE else name)
 
     # -- prompts --------------------------------------------------------------------------------------
     def build_prompt(self, history: list[dict], message: str, style: str = "template", context: str = "",
@@ -337,8 +246,7 @@ class ChatModel:
         whole conversation, ``context`` appended to the message.
         """
         if style == "template":  # the template adapter ``name`` was trained with (the base: the default)
-            entry = self.adapters.get(name) if name is not None else None
-            return get_template(entry.template if entry is not None else DEFAULT_TEMPLATE).eval(message, context, "")
+            return get_template(self._template(name)).eval(message, context, "")
         if style != "chat":
             raise ChatError(f"unknown prompt style {style!r}; use one of {', '.join(STYLES)}")
         if not getattr(self.tokenizer, "chat_template", None):
@@ -404,7 +312,7 @@ class ChatModel:
                     streamer.end()
                     return
                 self._activate(name)
-                recorder = RoutingRecorder(self.model)
+                recorder = RouterRecorder(self.model, last_token_only=True)
                 criteria.start = criteria.last = time.perf_counter()
                 try:
                     output = self.model.generate(
@@ -419,8 +327,8 @@ class ChatModel:
                 criteria.count = len(new_ids)
                 tokens = [self.tokenizer.decode([t]) for t in new_ids]
                 block = self.adapters.get(name)
-                result["trace"] = recorder.trace(
-                    new_ids, tokens, num_base_experts=self.arch.num_experts(self.model.config),
+                result["trace"] = routing_trace(
+                    recorder, new_ids, tokens, num_base_experts=self.arch.num_experts(self.model.config),
                     num_peft_experts=_peft_expert_count(self.model) if block else 0,
                     variant=block.variant if block else None,
                 )
