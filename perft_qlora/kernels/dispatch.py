@@ -37,7 +37,7 @@ from .targets import MIN_KERNEL_CAPABILITY, capability_name, device_capability, 
 ENV_VAR = "PERFT_QLORA_KERNELS"
 BACKENDS = ("auto", "grouped", "triton", "reference")
 MIN_TRITON = (3, 4)
-"""Oldest Triton the kernels are known to build with for sm_90 (compile_check, 3.4.0 to 3.9.0)."""
+"""Oldest Triton known to build the kernels for sm_90 (compile_check: 3.4.0 to 3.9.0; sm_80/86/89: 3.9.0 only)."""
 KERNEL_ACTIVATIONS = ("silu", "relu", "gelu")
 """Activations the kernels compute, by ``ACT2FN`` name (``gelu`` is the exact erf form)."""
 DENSE_MAX_WIDTH = 256
