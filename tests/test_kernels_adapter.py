@@ -104,6 +104,16 @@ def test_matches_reference_fp16_default_blocks(monkeypatch, formulation):
     _check(monkeypatch, formulation, "random_with_empty_expert", 41, 4, 2, 16, "silu", torch.float16, None, seed=1)
 
 
+@pytest.mark.parametrize("formulation, experts, bottleneck", [("dense", 8, 16), ("sorted", 3, 100)])
+def test_sm8x_tiles_match_the_reference(monkeypatch, formulation, experts, bottleneck):
+    """The tiles only sm_80/86/89 launch (``*_TILES_SM80``: 16 tokens at P = 128, 16 rows at PDB = 128)."""
+    from perft_qlora.kernels.triton_adapter_dense import DENSE_TILES_SM80
+    from perft_qlora.kernels.triton_adapter_sorted import SORTED_TILES_SM80
+
+    blocks = DENSE_TILES_SM80[128] if formulation == "dense" else SORTED_TILES_SM80[128]
+    _check(monkeypatch, formulation, "random_with_empty_expert", 21, experts, 2, bottleneck, "silu", torch.float32, blocks, seed=5)
+
+
 def test_formulation_by_shape():
     assert pick_formulation(4, 16) == "dense"  # PERFT Top2/4 DB=16: 64 hidden columns
     assert pick_formulation(8, 16) == "dense"  # PERFT-E on Mixtral, DB=16

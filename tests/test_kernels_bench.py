@@ -28,6 +28,8 @@ def test_kernels_smoke_run_writes_every_method(tmp_path, capsys):
     assert "not a benchmark" in table
     record = json.loads(out.read_text())
     assert "backend_choices" in record and "requested_backend" in record
+    policy = record["kernel_policy"]  # what auto prefers on this card, next to what it chose per op
+    assert policy["capability"].startswith("sm_") if torch.cuda.is_available() else policy == dict(device="cpu", auto="reference")
     rows = record["rows"]
     methods = {(r["part"], r["method"].split(": ")[-1], r["passes"]) for r in rows}
     for method in ("nf4-triton", "nf4-grouped", "bf16-grouped_mm", "bnb-dequant+grouped_mm"):

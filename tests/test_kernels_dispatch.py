@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -113,6 +114,99 @@ def test_unsupported_calls_fall_back_under_auto_and_fail_clearly_when_forced(mon
     monkeypatch.delenv("PERFT_QLORA_KERNELS")
     expected = nf4_expert_mlp_reference(h, gate_up, down_nf4, w, i, torch.nn.functional.silu)
     assert torch.equal(nf4_expert_mlp(h, gate_up, down_nf4, w, i, "silu"), expected)
+
+
+# the policy per card (the capability query faked: the rules, not the kernels) ----------------------------
+
+DIMS = "E64xH2048xI1024"
+POLICY = [  # capability -> auto's backend with Triton installed and no measured entry
+    ((8, 0), "triton"),  # A100: grouped_mm is a per-group loop with a host sync
+    ((8, 6), "triton"),  # RTX 3090, A6000
+    ((8, 9), "triton"),  # RTX 4090, L40S
+    ((9, 0), "grouped"),  # H100: the fused grouped_mm
+    ((10, 0), "grouped"),  # B200: fused too (torch 2.13: capability major 9 or 10)
+    ((12, 0), "triton"),  # RTX 5090: not fused
+    ((7, 5), "grouped"),  # T4: below the kernels' sm_80
+]
+
+
+def _fake_card(monkeypatch, capability, triton=True):
+    monkeypatch.setattr(dispatch, "device_capability", lambda device: capability)
+    monkeypatch.setattr(dispatch, "_triton_installed", lambda: triton)
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+
+
+@pytest.mark.parametrize("capability, expected", POLICY)
+def test_auto_on_cuda_decides_by_capability(monkeypatch, capability, expected):
+    _fake_card(monkeypatch, capability)
+    x = torch.empty(512, 8, dtype=torch.bfloat16)
+    backend, reason = dispatch._auto_cuda("nf4_expert_mlp", x, None, None, DIMS)
+    assert (backend, f"sm_{capability[0]}{capability[1]}" in reason) == (expected, True), reason
+    assert dispatch._auto_cuda("routed_adapter", x, None, None, "M4xDB16xD2048")[0] == expected
+    assert dispatch.kernel_policy(torch.device("cuda"))["auto"] == expected
+    # a call the kernels cannot take goes to grouped on every card; one grouped cannot take, to triton from sm_80 on
+    assert dispatch._auto_cuda("nf4_expert_mlp", x, "activation tanh", None, DIMS)[0] == "grouped"
+    fallback = "triton" if capability >= (8, 0) else "reference"
+    assert dispatch._auto_cuda("nf4_expert_mlp", x, None, "odd widths", DIMS)[0] == fallback
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (8, 9)])
+def test_pre_hopper_without_triton_takes_grouped_and_says_so_once(monkeypatch, capability):
+    _fake_card(monkeypatch, capability, triton=False)
+    x = torch.empty(512, 8, dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"triton is not installed.*per-group loop.*pip install"):
+        backend, reason = dispatch._auto_cuda("nf4_expert_mlp", x, None, None, DIMS)
+    assert backend == "grouped" and "not installed" in reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per process
+        assert dispatch._auto_cuda("routed_adapter", x, None, None, DIMS)[0] == "grouped"
+    assert dispatch._auto_cuda("nf4_expert_mlp", x, None, "odd widths", DIMS)[0] == "reference"
+    assert dispatch.kernel_policy(torch.device("cuda"))["auto"] == "grouped"
+
+
+def test_hopper_without_triton_is_silent(monkeypatch):
+    _fake_card(monkeypatch, (9, 0), triton=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch._auto_cuda("nf4_expert_mlp", torch.empty(8, 8, dtype=torch.bfloat16), None, None, DIMS)[0] == "grouped"
+
+
+def test_the_measured_table_overrides_the_capability_default(monkeypatch):
+    x = torch.empty(4096, 8, dtype=torch.bfloat16)
+    _fake_card(monkeypatch, (8, 6))
+    monkeypatch.setitem(dispatch.measured.MEASURED, ("sm_86", "nf4_expert_mlp", f"{DIMS}/large"), "grouped")
+    assert dispatch._auto_cuda("nf4_expert_mlp", x, None, None, DIMS) == ("grouped", f"measured faster than triton on sm_86 for {DIMS}/large")
+    assert dispatch._auto_cuda("nf4_expert_mlp", x[:8], None, None, DIMS)[0] == "triton"  # decode: no entry
+    _fake_card(monkeypatch, (9, 0))
+    monkeypatch.setitem(dispatch.measured.MEASURED, ("sm_90", "nf4_expert_mlp", f"{DIMS}/large"), "triton")
+    assert dispatch._auto_cuda("nf4_expert_mlp", x, None, None, DIMS)[0] == "triton"
+    monkeypatch.setattr(dispatch, "_triton_installed", lambda: False)  # an entry Triton cannot honour: the default
+    assert dispatch._auto_cuda("nf4_expert_mlp", x, None, None, DIMS)[0] == "grouped"
+
+
+@pytest.mark.parametrize("capability", [(8, 6), (9, 0)])
+@pytest.mark.parametrize("forced", ["grouped", "triton", "reference"])
+def test_a_forced_backend_ignores_the_capability(monkeypatch, capability, forced):
+    _fake_card(monkeypatch, capability)
+    monkeypatch.setenv("PERFT_QLORA_KERNELS", forced)
+    monkeypatch.setattr(dispatch, "_check_interpreter", lambda op: None)  # CPU tensors stand in for the GPU's
+    assert dispatch.select_backend("op-forced", torch.empty(4, 8, dtype=torch.bfloat16), None, None, DIMS) == forced
+    assert dispatch.backend_choices()["op-forced"] == f"{forced} (PERFT_QLORA_KERNELS={forced})"
+
+
+def test_tile_tables_follow_the_capability():
+    from perft_qlora.kernels.triton_adapter_dense import DENSE_TILES, DENSE_TILES_SM80, default_dense_blocks
+    from perft_qlora.kernels.triton_adapter_sorted import SORTED_TILES, SORTED_TILES_SM80, default_sorted_blocks
+    from perft_qlora.kernels.triton_nf4_mlp import NF4_TILES, NF4_TILES_SM80, default_nf4_blocks
+
+    for capability in [(8, 0), (8, 6), (8, 9)]:
+        assert default_nf4_blocks(4096 * 8, 64, 1024, capability) == NF4_TILES_SM80[None] != NF4_TILES[None]
+        assert default_dense_blocks(128, capability) == DENSE_TILES_SM80[128] != DENSE_TILES[128]
+        assert default_sorted_blocks(128, capability) == SORTED_TILES_SM80[128] != SORTED_TILES[128]
+    for capability in [(9, 0), (10, 0), None]:  # None: CPU (the interpreter)
+        assert default_nf4_blocks(4096 * 8, 64, 1024, capability) == NF4_TILES[None]
+        assert default_dense_blocks(128, capability) == DENSE_TILES[128]
+        assert default_sorted_blocks(128, capability) == SORTED_TILES[128]
 
 
 def test_mismatched_routing_shapes_are_refused():

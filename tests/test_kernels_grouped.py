@@ -91,9 +91,9 @@ def test_lora_experts_fp32_masters_get_fp32_grads_through_grouped(monkeypatch):
 
 
 def test_auto_on_cuda_is_grouped_unless_the_measured_table_says_triton(monkeypatch, caplog):
-    monkeypatch.setattr(dispatch, "capability", lambda device: "sm_90")
+    monkeypatch.setattr(dispatch, "device_capability", lambda device: (9, 0))
     monkeypatch.setattr(dispatch, "_triton_installed", lambda: True)
-    x = torch.empty(4096, 8)
+    x = torch.empty(4096, 8, dtype=torch.bfloat16)
     dims = "E64xH2048xI1024"
     backend, reason = dispatch._auto_cuda("nf4_expert_mlp", x, None, None, dims)
     assert backend == "grouped" and "no measured entry" in reason

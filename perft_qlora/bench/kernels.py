@@ -33,6 +33,7 @@ from ..kernels import (
     backend_choices,
     grouped_nf4_expert_mlp,
     grouped_routed_adapter,
+    kernel_policy,
     ops,
     pick_formulation,
     routed_adapter_reference,
@@ -267,6 +268,6 @@ def main(argv: list[str] | None = None) -> int:
     print(render(rows, header))
     if args.out:
         record = dict(device=name, torch=torch.__version__, requested_backend=os.environ.get("PERFT_QLORA_KERNELS", "auto"),
-                      backend_choices=backend_choices(), rows=rows)
+                      backend_choices=backend_choices(), kernel_policy=kernel_policy(device), rows=rows)
         write_text(args.out, json.dumps(record, indent=1))
     return 0

@@ -1,12 +1,21 @@
 """Compute kernels and their plain-PyTorch references (see README.md in this folder).
 
-``nf4_expert_mlp`` and ``routed_adapter`` run the ``grouped`` backend (bitsandbytes dequantize +
-``grouped_mm``) on CUDA tensors, the Triton kernels where the measured table says they are faster,
-and the references (``reference.py``) on CPU; ``PERFT_QLORA_KERNELS=auto|grouped|triton|reference``
-forces one. Triton is optional: nothing here imports it until a kernel runs.
+``nf4_expert_mlp`` and ``routed_adapter`` run, on CUDA tensors, the ``grouped`` backend (bitsandbytes
+dequantize + ``grouped_mm``) where torch's ``grouped_mm`` is fused (sm_90, sm_100) and the Triton kernels
+on the other cards (sm_80, sm_86, sm_89, ...), unless the measured table says otherwise; the references
+(``reference.py``) on CPU; ``PERFT_QLORA_KERNELS=auto|grouped|triton|reference`` forces one. Triton is
+optional: nothing here imports it until a kernel runs.
 """
 
-from .dispatch import ENV_VAR, backend_choices, nf4_expert_mlp, pick_formulation, routed_adapter, select_backend
+from .dispatch import (
+    ENV_VAR,
+    backend_choices,
+    kernel_policy,
+    nf4_expert_mlp,
+    pick_formulation,
+    routed_adapter,
+    select_backend,
+)
 from .grouped import dequantize_experts, grouped_nf4_expert_mlp, grouped_routed_adapter
 from .reference import (
     dequantize_nf4_reference,
@@ -28,6 +37,7 @@ __all__ = [
     "gate_matrix",
     "grouped_nf4_expert_mlp",
     "grouped_routed_adapter",
+    "kernel_policy",
     "nested_absmax_reference",
     "nf4_expert_matmul",
     "nf4_expert_mlp",

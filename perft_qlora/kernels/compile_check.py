@@ -1,18 +1,20 @@
-"""Build every Triton kernel as the runtime does, for a CUDA target, without a GPU, and measure the code.
+"""Build every Triton kernel as the runtime does, for each CUDA target, without a GPU, and measure the code.
 
-``python -m perft_qlora.kernels.compile_check [--arch 90] [--json PATH]``
+``python -m perft_qlora.kernels.compile_check [--arch 80,86,89,90] [--jobs 2] [--json PATH]``
 
 The interpreter (the CPU tests) accepts programs the GPU compiler rejects, and the reverse. This runs
 the real compiler (Triton -> TTGIR -> LLVM -> PTX -> cubin with the bundled ptxas) for the bf16
 specialisation of every kernel, with what the runtime adds at a real layer shape: the 16-byte
 divisibility attribute on every pointer and on the layer sizes (all multiples of 16 in OLMoE and
-Mixtral; they change the code: wider loads, fewer masks). It builds every tile configuration of the
-tile tables (``NF4_TILES``, ``DENSE_TILES``, ``SORTED_TILES``, decode tiles included), the NF4
-kernels with plain and double-quantized absmax, and every activation. Per build it reports, from the
-cubin (``cuobjdump -res-usage``) and the PTX: registers, stack/local bytes (any is a failure: a
-spill), shared memory, the instruction count of the inner loop that holds the MMAs (the K-loop; the
-largest such loop), and the global loads in it by width in bytes (``ld.global`` and ``cp.async``).
-A CPU measurement of the generated code, not a timing. Run with ``TRITON_INTERPRET`` unset.
+Mixtral; they change the code: wider loads, fewer masks). Per target (``targets.TARGETS``: sm_80, sm_86,
+sm_89, sm_90) it builds every tile configuration of that target's tile tables (``NF4_TILE_TABLES``,
+``DENSE_TILE_TABLES``, ``SORTED_TILE_TABLES``, decode tiles included), the NF4 kernels with plain and
+double-quantized absmax, and every activation. Per build it reports, from the cubin (``cuobjdump
+-res-usage``) and the PTX: registers, stack/local bytes (any is a spill), shared memory, the instruction
+count of the inner loop that holds the MMAs (the K-loop; the largest such loop), and the global loads in it
+by width in bytes (``ld.global`` and ``cp.async``); and checks it against the target's limits (spills,
+255 registers per thread, the register file per block, shared memory per block). A CPU measurement of the
+generated code, not a timing. Run with ``TRITON_INTERPRET`` unset.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from typing import NamedTuple
+
+from .targets import TARGETS, over_limits, tile_family
 
 KINDS = {  # argument name -> Triton type of the bf16 specialisation
     "*bf16": "x a h dout h_out ab_out y ab dab down up out dx ddown dup",
@@ -51,12 +57,12 @@ class Build(NamedTuple):
     stages: int
 
 
-def _nf4_builds() -> list[Build]:
+def _nf4_builds(family: int) -> list[Build]:
     from . import triton_nf4_mlp as mlp
 
     builds = []
-    for bound, b in mlp.NF4_TILES.items():
-        tile = f"m{b.m}n{b.n}k{b.k}w{b.warps}"
+    for bound, b in mlp.NF4_TILE_TABLES[family].items():
+        tile = f"m{b.m}n{b.n}k{b.k}w{b.warps}s{b.stages}"
         for nested in (True, False):
             tiles = dict(NESTED=nested, QB=64, PREC="tf32", BM=b.m, BN=b.n, BK=b.k)
             tag = f"{tile}{'' if nested else ' plain'}"
@@ -78,24 +84,24 @@ def _nf4_builds() -> list[Build]:
     return builds
 
 
-def _adapter_builds() -> list[Build]:
+def _adapter_builds(family: int) -> list[Build]:
     from . import triton_adapter_dense as dense
     from . import triton_adapter_sorted as srt
 
     builds = []
-    for width, b in dense.DENSE_TILES.items():
+    for width, b in dense.DENSE_TILE_TABLES[family].items():
         tiles = dict(PREC="tf32", BT=b.t, BD=b.d, P=width)
         acts = ACTS + ("identity",) if width == max(dense.DENSE_TILES) else ("silu",)
         for act in acts:
-            tag = f"P{width} t{b.t}d{b.d}w{b.warps} {act}"
+            tag = f"P{width} t{b.t}d{b.d}w{b.warps}s{b.stages} {act}"
             builds += [
                 Build(f"dense fwd {tag}", dense._dense_fwd_kernel, dict(ACT=act, SAVE_H=True, **tiles), b.warps, b.stages),
                 Build(f"dense bwd dx {tag}", dense._dense_bwd_dx_kernel, dict(ACT=act, **tiles), b.warps, b.stages),
                 Build(f"dense bwd dw {tag}", dense._dense_bwd_dw_kernel, dict(ACT=act, **tiles), b.warps, b.stages),
             ]
-    for width, b in srt.SORTED_TILES.items():
+    for width, b in srt.SORTED_TILE_TABLES[family].items():
         tiles = dict(PREC="tf32", BM=b.m, BD=b.d, PDB=width)
-        tag = f"PDB{width} m{b.m}d{b.d}w{b.warps} silu"
+        tag = f"PDB{width} m{b.m}d{b.d}w{b.warps}s{b.stages} silu"
         builds += [
             Build(f"sorted fwd {tag}", srt._sorted_fwd_kernel, dict(ACT="silu", SAVE_H=True, **tiles), b.warps, b.stages),
             Build(f"sorted bwd dx {tag}", srt._sorted_bwd_dx_kernel, dict(ACT="silu", **tiles), b.warps, b.stages),
@@ -104,9 +110,10 @@ def _adapter_builds() -> list[Build]:
     return builds
 
 
-def builds() -> list[Build]:
-    """Every kernel specialisation the runtime can launch (bf16), one per tile table entry and variant."""
-    return _nf4_builds() + _adapter_builds()
+def builds(arch: int = 90) -> list[Build]:
+    """Every kernel specialisation the runtime can launch on ``arch`` (bf16), one per tile table entry and variant."""
+    family = tile_family((arch // 10, arch % 10))
+    return _nf4_builds(family) + _adapter_builds(family)
 
 
 # measurements --------------------------------------------------------------------------------------
@@ -189,45 +196,79 @@ def compile_build(build: Build, arch: int):
         raise RuntimeError(f"{build.label} ({build.fn.__name__}) does not compile for sm_{arch}: {error}") from error
 
 
-def measure_all(arch: int = 90, match: str | None = None) -> list[dict]:
-    """Compile every build (label containing ``match``, if given) and measure it. Raises on a compile failure."""
+def _measure_one(arch: int, index: int) -> dict:
+    """Compile and measure build ``index`` of ``builds(arch)`` (a pool job: builds are rebuilt, not pickled)."""
+    build = builds(arch)[index]
+    compiled = compile_build(build, arch)
+    row = dict(label=build.label, kernel=build.fn.__name__, warps=build.warps, shared=compiled.metadata.shared)
+    row.update(resource_usage(compiled.asm.get("cubin", b"")))
+    row.update(kloop_metrics(compiled.asm["ptx"]))
+    row["over"] = over_limits(row, TARGETS[arch], 32 * build.warps)
+    return row
+
+
+def measure_all(archs=(90,), match: str | None = None, labels: set[str] | None = None, jobs: int = 1) -> dict[int, list[dict]]:
+    """``{arch: rows}``: every build per target (label containing ``match`` / in ``labels``, if given), measured.
+
+    ``jobs`` > 1 compiles in that many processes. Raises on a compile failure.
+    """
     if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on"):
         raise RuntimeError("unset TRITON_INTERPRET: the compile check needs JIT kernels, not interpreted ones")
-    rows = []
-    for build in builds():
-        if match and match not in build.label:
-            continue
-        compiled = compile_build(build, arch)
-        row = dict(label=build.label, kernel=build.fn.__name__, shared=compiled.metadata.shared)
-        row.update(resource_usage(compiled.asm.get("cubin", b"")))
-        row.update(kloop_metrics(compiled.asm["ptx"]))
-        rows.append(row)
-    return rows
+    unknown = [a for a in archs if a not in TARGETS]
+    if unknown:
+        raise ValueError(f"no limits recorded for sm_{unknown[0]}: choose from {sorted(TARGETS)}")
+    work = [(arch, i) for arch in archs for i, b in enumerate(builds(arch))
+            if (match is None or match in b.label) and (labels is None or b.label in labels)]
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            rows = list(pool.map(_measure_one, *zip(*work))) if work else []
+    else:
+        rows = [_measure_one(arch, i) for arch, i in work]
+    result: dict[int, list[dict]] = {arch: [] for arch in archs}
+    for (arch, _), row in zip(work, rows):
+        result[arch].append(row)
+    return result
 
 
 def spills(row: dict) -> bool:
     return row.get("stack", 0) > 0 or row.get("local", 0) > 0
 
 
+def _arch_list(text: str) -> list[int]:
+    return [int(a.strip().removeprefix("sm_")) for a in text.split(",") if a.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perft_qlora.kernels.compile_check", description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80 (A100) or 90 (H100)")
+    parser.add_argument("--arch", type=_arch_list, default=sorted(TARGETS),
+                        help="comma-separated compute capabilities, e.g. 86 (RTX 3090) or 80,90 (default: all of %(default)s)")
     parser.add_argument("--match", help="only builds whose label contains this text")
+    parser.add_argument("--labels", help="a file of build labels, one per line: only these builds")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes (default 1)")
     parser.add_argument("--json", help="also write the measurements here")
     args = parser.parse_args(argv)
     import triton
 
-    rows = measure_all(args.arch, args.match)
-    for r in rows:
-        loads = " ".join(f"{k}B:{v}" for k, v in r["k_loop_loads"].items())
-        print(f"sm_{args.arch}  {r['label']:<44} regs {r.get('regs', '?'):>3}  stack {r.get('stack', '?')}  "
-              f"shared {r['shared'] / 1024:5.1f} KiB  k-loop {r['k_loop_instructions']:>4} instr  loads {loads}")
+    labels = None
+    if args.labels:
+        with open(args.labels) as handle:
+            labels = {line.strip() for line in handle if line.strip()}
+    result = measure_all(args.arch, args.match, labels, max(1, args.jobs))
+    for arch, rows in result.items():
+        for r in rows:
+            loads = " ".join(f"{k}B:{v}" for k, v in r["k_loop_loads"].items())
+            print(f"sm_{arch}  {r['label']:<46} regs {r.get('regs', '?'):>3}  stack {r.get('stack', '?')}  "
+                  f"shared {r['shared'] / 1024:5.1f} KiB  k-loop {r['k_loop_instructions']:>4} instr  loads {loads}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(dict(arch=args.arch, triton=triton.__version__, rows=rows), handle, indent=1)
-    bad = [r["label"] for r in rows if spills(r)]
+        limits = {str(a): TARGETS[a]._asdict() for a in result}
+        record = dict(triton=triton.__version__, limits=limits, targets={str(a): rows for a, rows in result.items()})
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as handle:
+            json.dump(record, handle, indent=1)
+        os.replace(tmp, args.json)
+    bad = [f"sm_{arch} {r['label']}: {'; '.join(r['over'])}" for arch, rows in result.items() for r in rows if r["over"]]
     if bad:
-        print(f"spills or stack use in: {bad}", file=sys.stderr)
+        print("over a target's limits:\n  " + "\n  ".join(bad), file=sys.stderr)
         return 1
     return 0
 

@@ -1,15 +1,19 @@
 """The dispatch layer: which backend runs each op, and why (``PERFT_QLORA_KERNELS=auto|grouped|triton|reference``).
 
 - ``reference``: the plain-PyTorch specification (per-expert loop); the CPU path of ``auto``.
-- ``grouped``: bitsandbytes dequantize + ``torch.nn.functional.grouped_mm`` (``grouped.py``); the
-  default of ``auto`` on CUDA and the floor no CUDA configuration may fall below.
+- ``grouped``: bitsandbytes dequantize + ``torch.nn.functional.grouped_mm`` (``grouped.py``); the floor no
+  CUDA configuration may fall below.
 - ``triton``: the fused kernels (on CPU tensors only under ``TRITON_INTERPRET=1``, for tests).
 
-``auto`` on CUDA takes ``grouped`` unless the measured table (``measured.py``, filled from benchmark
-runs, empty until one is run) says Triton is faster for the op, GPU capability and shape class. A
-Triton kernel that raises under ``auto`` falls back to ``grouped`` with a warning. Every choice is
-logged once (logger ``perft_qlora.kernels``) with its reason and kept in :func:`backend_choices` for
-the trainer's logs and the benchmark JSONs. Triton is imported only when a kernel is about to run.
+``auto`` on CUDA decides by the GPU's capability and the measured table (``measured.py``, filled from
+benchmark runs, empty until one is run), in this order: a measured entry for the op, capability and shape
+class wins; else ``grouped`` where torch's ``grouped_mm`` is its fused kernel (bf16 on sm_90 / sm_100,
+``targets.grouped_mm_fused``), ``triton`` on the other cards from sm_80 on (there ``grouped_mm`` is a
+per-group loop with a device-to-host sync), ``grouped`` when Triton is missing there (said once, with a
+warning) or cannot take the call, the reference when neither can. A Triton kernel that raises under
+``auto`` falls back to ``grouped`` with a warning. Every choice is logged once (logger
+``perft_qlora.kernels``) with its reason and kept in :func:`backend_choices` for the trainer's logs and
+the benchmark JSONs. Triton is imported only when a kernel is about to run.
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ from transformers.activations import ACT2FN
 from . import measured
 from .grouped import grouped_nf4_expert_mlp, grouped_routed_adapter
 from .reference import nf4_expert_mlp_reference, routed_adapter_reference
+from .targets import MIN_KERNEL_CAPABILITY, capability_name, device_capability, grouped_mm_fused
 
 ENV_VAR = "PERFT_QLORA_KERNELS"
 BACKENDS = ("auto", "grouped", "triton", "reference")
 MIN_TRITON = (3, 4)
-"""Oldest Triton the kernels are known to build with for sm_90 (compile_check, 3.4.0 to 3.9.0)."""
+"""Oldest Triton known to build the kernels for sm_90 (compile_check: 3.4.0 to 3.9.0; sm_80/86/89: 3.9.0 only)."""
 KERNEL_ACTIVATIONS = ("silu", "relu", "gelu")
 """Activations the kernels compute, by ``ACT2FN`` name (``gelu`` is the exact erf form)."""
 DENSE_MAX_WIDTH = 256
@@ -43,6 +48,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 logger = logging.getLogger("perft_qlora.kernels")
 _CHOICES: dict[str, str] = {}
 _LOGGED: set[tuple[str, str, str]] = set()
+_WARNED: set[str] = set()
 
 
 def requested_backend() -> str:
@@ -65,8 +71,18 @@ def shape_class(tokens: int, dims: str) -> str:
 
 
 def capability(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}"
+    """``sm_XY`` of a CUDA device (the key of the measured table)."""
+    return capability_name(device_capability(device))
+
+
+def kernel_policy(device: torch.device) -> dict:
+    """What ``auto`` prefers on this device before any per-call check (for benchmark JSONs and logs)."""
+    if device.type != "cuda":
+        return dict(device=str(device), auto="reference")
+    cap = device_capability(device)
+    fused = grouped_mm_fused(cap, torch.bfloat16)
+    prefers = "grouped" if fused or cap < MIN_KERNEL_CAPABILITY else "triton" if _triton_installed() else "grouped"
+    return dict(capability=capability_name(cap), grouped_mm_fused_bf16=fused, triton_installed=_triton_installed(), auto=prefers)
 
 
 def _record(op: str, backend: str, reason: str) -> str:
@@ -107,15 +123,45 @@ def select_backend(op: str, x: torch.Tensor, unsupported: str | None, grouped_un
 
 
 def _auto_cuda(op: str, x, unsupported, grouped_unsupported, dims: str) -> tuple[str, str]:
-    triton_ok = _triton_installed() and unsupported is None
-    cls, cap = shape_class(x.shape[0], dims), capability(x.device)
-    if measured.MEASURED.get((cap, op, cls)) == "triton" and triton_ok:
+    cap_tuple = device_capability(x.device)
+    cap, cls = capability_name(cap_tuple), shape_class(x.shape[0], dims)
+    triton_ok = _triton_installed() and unsupported is None and cap_tuple >= MIN_KERNEL_CAPABILITY
+    entry = measured.MEASURED.get((cap, op, cls))
+    if entry == "triton" and triton_ok:
         return "triton", f"measured faster than grouped on {cap} for {cls}"
-    if grouped_unsupported is None:
-        return "grouped", f"CUDA default; no measured entry for {cap} {cls} says triton is faster"
+    if entry == "grouped" and grouped_unsupported is None:
+        return "grouped", f"measured faster than triton on {cap} for {cls}"
+    fused = grouped_mm_fused(cap_tuple, x.dtype)
+    if fused and grouped_unsupported is None:
+        return "grouped", f"{cap}: torch grouped_mm is the fused kernel here; no measured entry for {cls} says triton is faster"
     if triton_ok:
-        return "triton", f"grouped cannot take this call: {grouped_unsupported}"
-    return "reference", f"neither grouped ({grouped_unsupported}) nor triton ({unsupported or 'not installed'}) can take it"
+        if grouped_unsupported is not None:
+            return "triton", f"grouped cannot take this call: {grouped_unsupported}"
+        return "triton", f"{cap}: torch grouped_mm is a per-group loop with a host sync here (fused only on sm_90/sm_100)"
+    if grouped_unsupported is None:
+        why = _why_not_triton(cap_tuple, unsupported)
+        if not fused and not _triton_installed() and cap_tuple >= MIN_KERNEL_CAPABILITY:
+            _warn_once(cap, f"{op}: triton is not installed, so on {cap} the grouped backend runs torch grouped_mm's "
+                       "per-group loop with a device-to-host sync per call (slow): pip install 'perft-qlora[triton]'")
+        return "grouped", f"{cap}: {why}; grouped (torch grouped_mm loops over groups here)"
+    why = _why_not_triton(cap_tuple, unsupported)
+    return "reference", f"neither grouped ({grouped_unsupported}) nor triton ({why}) can take it"
+
+
+def _why_not_triton(cap: tuple[int, int], unsupported: str | None) -> str:
+    if not _triton_installed():
+        return f"triton>={'.'.join(map(str, MIN_TRITON))} not installed"
+    if cap < MIN_KERNEL_CAPABILITY:
+        return f"the triton kernels need {capability_name(MIN_KERNEL_CAPABILITY)} or newer"
+    return f"the triton kernel cannot take this call: {unsupported}"
+
+
+def _warn_once(key: str, message: str) -> None:
+    """A warning and a log line, once per process and key (the capability)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logger.warning(message)
+        warnings.warn(message, stacklevel=4)
 
 
 def _check_triton_forced(op: str, x, unsupported: str | None) -> None:

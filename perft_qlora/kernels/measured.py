@@ -1,7 +1,9 @@
-"""Measured backend table: where the Triton kernels beat the ``grouped`` backend on a GPU.
+"""Measured backend table: which of the Triton kernels and the ``grouped`` backend won on a GPU.
 
-``auto`` on CUDA takes ``grouped`` unless an entry here says ``triton`` for the op, the GPU's compute
-capability and the call's shape class (``dispatch.shape_class``). Entries come only from benchmark
+An entry here for the op, the GPU's compute capability and the call's shape class
+(``dispatch.shape_class``) overrides ``auto``'s default for that capability (``grouped`` where torch's
+``grouped_mm`` is fused, sm_90 / sm_100; ``triton`` on sm_80 / sm_86 / sm_89, where it is a per-group
+loop), as long as the named backend can take the call. Entries come only from benchmark
 runs: ``python -m perft_qlora.bench gpu-check --out DIR`` writes ``DIR/measured.py`` in this format
 from its timings; review it and copy it over this file. Empty until such a run has been made.
 

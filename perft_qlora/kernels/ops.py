@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .sorting import ExpertSort, TileSchedule, gate_matrix, sort_by_expert, tile_schedule
+from .targets import device_capability
 from .triton_adapter_dense import DenseBlocks, default_dense_blocks, dense_backward, dense_forward, hidden_width
 from .triton_adapter_sorted import SortedBlocks, default_sorted_blocks, sorted_backward, sorted_forward
 from .triton_nf4_mlp import (
@@ -19,6 +20,11 @@ from .triton_nf4_mlp import (
     gate_up_forward,
     rows_matmul,
 )
+
+
+def _capability(x: torch.Tensor) -> tuple[int, int] | None:
+    """The GPU's capability, which picks the tile table (None on CPU: the interpreter takes the sm_90 table)."""
+    return device_capability(x.device) if x.is_cuda else None
 
 
 def _sum_slots(y: torch.Tensor, tokens: int, dtype: torch.dtype) -> torch.Tensor:
@@ -53,7 +59,7 @@ class NF4ExpertMLPFunction(torch.autograd.Function):
         tokens, top_k = indices.shape
         num_experts = gate_up.shape[0]
         rows = tokens * top_k
-        blocks = blocks or default_nf4_blocks(rows, num_experts, down.shape[2])
+        blocks = blocks or default_nf4_blocks(rows, num_experts, down.shape[2], _capability(x))
         sort = sort_by_expert(indices, num_experts)
         sched = tile_schedule(sort.offsets, rows, blocks.m)
         store_ab = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -91,7 +97,7 @@ class DenseRoutedAdapterFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, down, up, weights, indices, act: str, scaling: float, blocks: DenseBlocks | None):
-        blocks = blocks or default_dense_blocks(hidden_width(down.shape[0], down.shape[1]))
+        blocks = blocks or default_dense_blocks(hidden_width(down.shape[0], down.shape[1]), _capability(x))
         gates = gate_matrix(weights, indices, down.shape[0])  # (T, M) float32
         save = any(ctx.needs_input_grad[:4])
         out, hpre = dense_forward(x, down, up, gates, act, scaling, save, blocks)
@@ -120,7 +126,7 @@ class SortedRoutedAdapterFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, down, up, weights, indices, act: str, scaling: float, blocks: SortedBlocks | None):
-        blocks = blocks or default_sorted_blocks(down.shape[1])
+        blocks = blocks or default_sorted_blocks(down.shape[1], _capability(x))
         tokens, top_k = indices.shape
         sort = sort_by_expert(indices, down.shape[0])
         sched = tile_schedule(sort.offsets, tokens * top_k, blocks.m)

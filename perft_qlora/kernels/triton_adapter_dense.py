@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .targets import tile_family
 from .triton_common import act_fwd, act_grad, dot_precision
 
 
@@ -36,9 +37,17 @@ DENSE_TILES = {  # padded hidden width P up to -> tiles that ptxas (sm_90) build
 }
 
 
-def default_dense_blocks(width: int) -> DenseBlocks:
-    """The ``DENSE_TILES`` entry for a padded hidden width P (at most 256)."""
-    return next(blocks for bound, blocks in DENSE_TILES.items() if width <= bound)
+DENSE_TILES_SM80 = {**DENSE_TILES, 128: DenseBlocks(t=16, d=64, warps=8)}
+"""The table on sm_80/86/89 (``mma.sync``): P = 128 with 16 tokens per program, where the 32-token tile's
+weight-gradient kernel spilled 8 B (255 registers; 204 at 16 tokens, ``compile_check``)."""
+DENSE_TILE_TABLES = {80: DENSE_TILES_SM80, 90: DENSE_TILES}
+"""Tile table per ``targets.tile_family``."""
+
+
+def default_dense_blocks(width: int, capability: tuple[int, int] | None = None) -> DenseBlocks:
+    """The tile table's entry for a padded hidden width P (at most 256); ``capability`` picks the table."""
+    table = DENSE_TILE_TABLES[tile_family(capability)]
+    return next(blocks for bound, blocks in table.items() if width <= bound)
 
 
 @triton.jit

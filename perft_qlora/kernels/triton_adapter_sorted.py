@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .sorting import ExpertSort, TileSchedule
+from .targets import tile_family
 from .triton_common import act_fwd, act_grad, dot_precision, tile_rows
 
 
@@ -37,9 +38,18 @@ SORTED_TILES = {  # padded bottleneck PDB up to -> tiles; 8 warps from PDB = 128
 }
 
 
-def default_sorted_blocks(bottleneck: int) -> SortedBlocks:
-    """The ``SORTED_TILES`` entry for a bottleneck DB (at most 128)."""
-    return next(blocks for bound, blocks in SORTED_TILES.items() if bottleneck <= bound)
+SORTED_TILES_SM80 = {**SORTED_TILES, 128: SortedBlocks(m=16, warps=8)}
+"""The table on sm_80/86/89 (``mma.sync``): PDB = 128 with 16-row tiles, where the 32-row tile's
+weight-gradient kernel spilled 8 B (255 registers; at 16 rows 254 on sm_80 and 186 on sm_86 / sm_89, no
+stack, ``compile_check``)."""
+SORTED_TILE_TABLES = {80: SORTED_TILES_SM80, 90: SORTED_TILES}
+"""Tile table per ``targets.tile_family``."""
+
+
+def default_sorted_blocks(bottleneck: int, capability: tuple[int, int] | None = None) -> SortedBlocks:
+    """The tile table's entry for a bottleneck DB (at most 128); ``capability`` picks the table."""
+    table = SORTED_TILE_TABLES[tile_family(capability)]
+    return next(blocks for bound, blocks in table.items() if bottleneck <= bound)
 
 
 @triton.jit

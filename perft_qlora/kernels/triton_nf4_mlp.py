@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .sorting import ExpertSort, TileSchedule
+from .targets import tile_family
 from .triton_common import act_fwd, act_grad, dot_precision, nf4_args, nf4_tile, tile_rows
 
 
@@ -53,17 +54,25 @@ the GPU benchmark's call (``bench gpu-check``). The decode tiles split the down 
 ``split_k`` slices when K is at least ``SPLIT_K_MIN_INNER`` (Mixtral, I = 14336: 8 or 4 slices instead of
 one 224-step K loop over few output tiles); the slice counts are a starting point, not a measured optimum."""
 
+NF4_TILES_SM80 = {**NF4_TILES, None: replace(NF4_TILES[None], stages=2)}
+"""The tile table on sm_80/86/89 (``mma.sync``: the accumulators and the epilogue share 255 registers per
+thread): the m=128 training tile with 2 pipeline stages instead of 3, where its exact-GELU gate_up forward
+spilled 8 B at 3 stages (sm_80, sm_86, sm_89) and builds in 186 registers at 2 (``compile_check``)."""
+NF4_TILE_TABLES = {80: NF4_TILES_SM80, 90: NF4_TILES}
+"""Tile table per ``targets.tile_family``."""
+
 SPLIT_K_MIN_INNER = 4096
 """Smallest intermediate size I (the down projection's K) at which the decode tiles split K (OLMoE's 1024 does not)."""
 
 
-def default_nf4_blocks(num_rows: int, num_experts: int, inner: int) -> NF4Blocks:
-    """The ``NF4_TILES`` entry for the mean rows per active expert (16 when decoding, more in training).
+def default_nf4_blocks(num_rows: int, num_experts: int, inner: int, capability: tuple[int, int] | None = None) -> NF4Blocks:
+    """The tile table's entry for the mean rows per active expert (16 when decoding, more in training).
 
     ``inner`` is the intermediate size I: below ``SPLIT_K_MIN_INNER`` the down projection is not split.
+    ``capability``: the GPU's, which picks the table (``NF4_TILE_TABLES``); None: the sm_90 one.
     """
     per_expert = num_rows / max(1, min(num_experts, num_rows))
-    for bound, blocks in NF4_TILES.items():
+    for bound, blocks in NF4_TILE_TABLES[tile_family(capability)].items():
         if bound is None or per_expert <= bound:
             return blocks if inner >= SPLIT_K_MIN_INNER else replace(blocks, split_k=1)
     raise AssertionError("NF4_TILES needs a None entry")
