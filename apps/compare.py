@@ -262,7 +262,7 @@ def build_demo(chat: ChatModel, num_columns: int | None = None, errors: dict[str
             with gr.Column(scale=2):
                 info_pick = gr.Dropdown(names, value=names[1] if len(names) > 1 else BASE, label="adapter info")
                 info_md = gr.Markdown(elem_id="info")
-                with gr.Accordion("adapter_config.json (knobs and training metadata)", open=False):
+                with gr.Accordion("perft_config.json (knobs and training metadata)", open=False):
                     info_json = gr.JSON(show_label=False)
                 with gr.Accordion("Analysis (python -m perft_qlora.analyze)", open=False):
                     analysis_md = gr.Markdown(elem_id="analysis")
