@@ -11,6 +11,7 @@ _EXPORTS = {
     "AdapterError": "method.checkpoint", "load_adapter": "method.checkpoint", "read_adapter_config": "method.checkpoint",
     "save_adapter": "method.checkpoint",
     "PerftConfig": "method.config",
+    "Generator": "serving.generator",
     "load_model": "quant.loader",
     "perft_balance_loss": "method.losses",
     "memory_report": "quant.memory",
@@ -19,7 +20,7 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "ARCHITECTURES", "AdapterError", "PerftConfig", "UnsupportedArchitectureError", "attach_perft",
+    "ARCHITECTURES", "AdapterError", "Generator", "PerftConfig", "UnsupportedArchitectureError", "attach_perft",
     "detach_perft", "iter_perft_blocks", "load_adapter", "load_model", "memory_report", "parameter_report",
     "perft_balance_loss", "read_adapter_config", "routing_stats", "save_adapter",
 ]

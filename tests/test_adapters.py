@@ -57,7 +57,7 @@ def test_perft_adapter_round_trip_through_the_same_functions(tiny_checkpoint, tm
 
 
 def test_not_an_adapter_is_a_clear_error(tmp_path):
-    with pytest.raises(AdapterError, match="adapter_config.json is missing"):
+    with pytest.raises(AdapterError, match=r"perft_config.json \(PERFT\) and adapter_config.json \(peft\) are missing"):
         adapter_kind(str(tmp_path))
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(AdapterError, match="corrupt"):

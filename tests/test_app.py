@@ -177,7 +177,7 @@ def test_info_and_add_adapter(app_module, adapter_dirs, tmp_path):  # noqa: F811
     fresh = ChatModel(*load_model(base_dir, device="cpu", progress=False), name=base_dir)
     app = app_module.CompareApp(fresh, 2)
     status, *updates = app.add_adapter("broken", str(tmp_path))
-    assert status.startswith("⚠️") and "adapter_config.json is missing" in status
+    assert status.startswith("⚠️") and "adapter_config.json (peft) are missing" in status
     assert fresh.names == [BASE] and all(u["choices"] == [BASE] for u in updates)
     status, *updates = app.add_adapter("perft", dirs["perft"])
     assert status.startswith("✅") and fresh.names == [BASE, "perft"]
@@ -220,7 +220,7 @@ def test_api_send_info_and_errors(server, expected):
     with pytest.raises(Exception, match="no chat template"):
         _api_send(client, style="chat")
     status, *_ = client.predict("bad", "/no/such/adapter", api_name="/add_adapter")
-    assert "⚠️" in status and "adapter_config.json is missing" in status
+    assert "⚠️" in status and "adapter_config.json (peft) are missing" in status
     assert message_text(_api_send(client)[2][-1]) == expected[BASE]  # still serving
     retried = client.predict("template", MAX_NEW, 0.7, 0.9, True, 1, *NAMES, [], [], [], api_name="/retry")
     assert [message_text(h[-1]) for h in retried[2:5]] == [expected[n] for n in NAMES]

@@ -326,8 +326,8 @@ def test_bad_adapters_are_refused_and_the_model_keeps_working(chat, adapter_dirs
     mismatched = save_adapter(mixtral, str(tmp_path / "mixtral"))
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
-    good_config = Path(adapter_dirs[1]["perft"]) / "adapter_config.json"
-    (corrupt / "adapter_config.json").write_text(good_config.read_text())
+    good_config = Path(adapter_dirs[1]["perft"]) / "perft_config.json"
+    (corrupt / "perft_config.json").write_text(good_config.read_text())
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x00garbage")
     bad_json = tmp_path / "bad_json"
     bad_json.mkdir()
@@ -339,7 +339,7 @@ def test_bad_adapters_are_refused_and_the_model_keeps_working(chat, adapter_dirs
         "missing": str(tmp_path / "nowhere"), "mixtral": mismatched, "corrupt": str(corrupt), "lora": str(lora),
         "bad_json": str(bad_json), BASE: adapter_dirs[1]["perft"], "perft": adapter_dirs[1]["perft"],
     })
-    assert "adapter_config.json is missing" in errors["missing"]
+    assert "perft_config.json (PERFT) and adapter_config.json (peft) are missing" in errors["missing"]
     assert "model_type='mixtral'" in errors["mixtral"]
     assert "corrupt" in errors["corrupt"] and "corrupt" in errors["bad_json"]
     assert "peft adapter" in errors["lora"] and "does not fit this model" in errors["lora"]

@@ -223,21 +223,21 @@ def test_load_dir_without_config(tiny_nf4, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     model, _ = tiny_nf4("olmoe")
-    with pytest.raises(AdapterError, match=r"is not an adapter directory: adapter_config\.json is missing"):
+    with pytest.raises(AdapterError, match=r"is not an adapter directory: perft_config\.json \(PERFT\) and adapter_config\.json \(peft\) are missing"):
         load_adapter(model, str(empty))
     assert getattr(model, "perft_config", None) is None
 
 
 def test_load_nonexistent_dir(tiny_nf4, tmp_path):
     model, _ = tiny_nf4("olmoe")
-    with pytest.raises(AdapterError, match=r"adapter_config\.json is missing"):
+    with pytest.raises(AdapterError, match=r"perft_config\.json \(PERFT\) and adapter_config\.json \(peft\) are missing"):
         load_adapter(model, str(tmp_path / "does-not-exist"))
 
 
 def test_load_config_not_json(tiny_nf4, olmoe_adapter):
     (olmoe_adapter / CONFIG_NAME).write_text("{not json at all")
     model, _ = tiny_nf4("olmoe")
-    with pytest.raises(AdapterError, match=r"adapter_config\.json is corrupt"):
+    with pytest.raises(AdapterError, match=r"perft_config\.json is corrupt"):
         load_adapter(model, str(olmoe_adapter))
 
 

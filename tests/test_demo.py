@@ -62,7 +62,9 @@ def test_report_table_and_next_commands():
     assert "5.0%" in text and "95.0%" in text and "1,234" in text and "out/adapter" in text
     commands = report.next_commands("out")
     assert "python -m perft_qlora.evaluate --model out/base --adapter out/adapter --tasks demo" in commands
-    assert "python apps/compare.py --demo --demo-dir out" in commands
+    assert "python -m perft_qlora.app --demo --demo-dir out" in commands  # runs from any directory
+    assert ("python -m perft_qlora.generate --model out/base --adapter out/adapter 'Is the following text written in "
+            "small letters? Answer format: true/false' --input 'hello world'") in commands
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ FSDP_CONFIG = os.path.join(REPO, "examples", "accelerate", "fsdp.yaml")
 FSDP_ON_CPU = os.path.join(REPO, "tests", "fsdp_on_cpu.py")  # accelerate's FSDP2 on CPU processes (see its docstring)
 STEPS = 4
 # One adapter and optimizer (rank 0), one RNG state per rank, nothing left over from a second writer.
-CHECKPOINT_FILES = {"README.md", "adapter_config.json", WEIGHTS_NAME, "optimizer.pt", "scheduler.pt", "trainer_state.json",
+CHECKPOINT_FILES = {"README.md", "perft_config.json", WEIGHTS_NAME, "optimizer.pt", "scheduler.pt", "trainer_state.json",
                     "rng_state_0.pth", "rng_state_1.pth"}
 
 

@@ -9,6 +9,7 @@ Also: the measured backend table is derived correctly from kernel timings.
 from __future__ import annotations
 
 import json
+import os
 import runpy
 
 import pytest
@@ -36,6 +37,18 @@ def test_smoke_run_writes_every_output(tmp_path):
         assert title in block
     table = runpy.run_path(str(out / "measured.py"))["MEASURED"]
     assert isinstance(table, dict) and all(v in ("triton", "grouped") for v in table.values())
+
+
+def test_pytest_stages_find_the_tests_from_any_directory_and_say_when_there_are_none(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the clone's root
+    for smoke in (True, False):
+        tests = [a for s in gpu_check.stages(str(tmp_path), smoke, str(tmp_path)) if s.name.endswith("gpu") for a in s.argv
+                 if "tests" in a]
+        assert tests and all(os.path.isabs(a) and os.path.exists(a) for a in tests), tests
+    monkeypatch.setattr(gpu_check, "TESTS_DIR", str(tmp_path / "site-packages" / "tests"))  # an installed wheel
+    stage = gpu_check.stages(str(tmp_path), True, str(tmp_path))[0]
+    record = gpu_check.run_stage(stage, str(tmp_path), 5)
+    assert record["status"] == "no-tests" and "an installed wheel has none" in record["tail"]
 
 
 def test_measured_table_gives_triton_only_where_it_won_every_token_count():

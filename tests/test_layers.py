@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 from pathlib import Path
@@ -29,7 +30,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("evaluation",),
     ("training", "analysis", "serving"),
     ("plan", "bench"),
-    ("train", "evaluate", "analyze", "__init__", "__main__"),  # entry points and the public API
+    ("commands",),  # the perft-qlora console script: maps subcommands to modules by name, imports only cli
+    ("train", "evaluate", "analyze", "generate", "app", "__init__", "__main__"),  # entry points and the public API
 ]
 """Top-level module or sub-package of ``perft_qlora`` -> layer, bottom first."""
 
@@ -157,6 +159,8 @@ def _package_modules() -> list[str]:
     for info in pkgutil.walk_packages(perft_qlora.__path__, prefix="perft_qlora."):
         if info.name.endswith("__main__") or ".kernels.triton" in info.name or info.name.endswith("compile_check"):
             continue  # __main__ runs a command on import; Triton kernels need triton (an extra)
+        if info.name == "perft_qlora.app" and importlib.util.find_spec("gradio") is None:
+            continue  # the app needs gradio (the [app] extra)
         names.append(info.name)
     return names
 

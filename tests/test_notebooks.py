@@ -116,9 +116,9 @@ def test_committed_notebook_is_clean(name):
 
 def test_quickstart_trains_evaluates_and_shows_the_results(quickstart):
     nb, out = quickstart
-    assert sorted(os.listdir(out / "train" / "adapter")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(out / "train" / "adapter")) == ["README.md", "adapter_model.safetensors", "perft_config.json"]
     assert (out / "train" / "base" / "config.json").is_file()
-    with open(out / "train" / "adapter" / "adapter_config.json") as handle:
+    with open(out / "train" / "adapter" / "perft_config.json") as handle:
         assert json.load(handle)["perft"]["variant"] == "perft"
     rows = markdown_table(nb, "| model | demo")
     assert [row[0] for row in rows] == ["base", "perft"]
@@ -171,7 +171,8 @@ def test_compare_variants_parameter_table(compare_variants):
     assert rows["perft"][1] == "2 of 4 expert(s) per token" and rows["perft_e"][1] == "2 of 8 expert(s) per token"
     assert all(float(rows[v][5]) > 0 and float(rows[v][6]) > 0 for v in VARIANTS)  # train and eval losses logged
     for variant in VARIANTS:
-        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out / variant / "adapter"))
+        config = "adapter_config.json" if variant == "lora" else "perft_config.json"  # peft's name for peft's adapter
+        assert {config, "adapter_model.safetensors"} <= set(os.listdir(out / variant / "adapter"))
     with open(out / "lora" / "adapter" / "adapter_config.json") as handle:
         assert json.load(handle)["peft_type"] == "LORA"
 

@@ -39,7 +39,7 @@ class AdapterSpec:
     directory: str
     """Absolute path of the adapter directory."""
     metadata: dict
-    """Its ``adapter_config.json``."""
+    """Its ``perft_config.json``."""
 
     @property
     def variant(self) -> str:

@@ -73,7 +73,7 @@ def projection_method(choice: str) -> str:
 
 def training_template(adapters: list) -> str:
     """The prompt template the adapters were trained with (``extra.training.template`` in their
-    ``adapter_config.json``; ``released`` where unrecorded or with no adapter); the first adapter's if they differ."""
+    ``perft_config.json``; ``released`` where unrecorded or with no adapter); the first adapter's if they differ."""
     trained = [recorded_training(s.metadata).get("template") or DEFAULT_TEMPLATE for s in adapters]
     if len(set(trained)) > 1:
         named = ", ".join(f"{s.name}: {t}" for s, t in zip(adapters, trained))

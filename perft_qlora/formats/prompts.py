@@ -13,7 +13,7 @@ the response, and *training and evaluation differ*:
 
 Input sections follow the released truthiness test (any non-empty ``input``, even whitespace, adds one).
 ``alpaca`` is the clean Alpaca text (no indents; a blank input is no input), the same for both uses.
-An adapter records its template (``adapter_config.json``: ``extra.training.template``), and evaluation and
+An adapter records its template (``perft_config.json``: ``extra.training.template``), and evaluation and
 the app default to it.
 """
 

@@ -21,7 +21,7 @@ its own config (``extra.training``)."""
 
 
 def recorded_training(adapter_config: dict) -> dict:
-    """The training record inside a PERFT adapter's ``adapter_config.json`` (``extra.training``); {} if none."""
+    """The training record inside a PERFT adapter's ``perft_config.json`` (``extra.training``); {} if none."""
     return (adapter_config.get("extra") or {}).get("training") or {}
 
 
@@ -46,7 +46,8 @@ def write_training_record(directory: str, training: dict) -> None:
 
 
 def adapter_kind(directory: str) -> str:
-    """``"perft"`` or ``"peft"``, from the directory's ``adapter_config.json``; AdapterError otherwise."""
+    """``"perft"`` or ``"peft"``, from the directory's config (``perft_config.json``, or ``adapter_config.json``:
+    peft's, or a PERFT adapter saved before the rename); AdapterError otherwise."""
     config = read_config_json(directory)
     if isinstance(config, dict) and "peft_type" in config:
         return "peft"

@@ -1,4 +1,9 @@
-"""Adapters on disk: ``adapter_config.json`` + ``adapter_model.safetensors`` (adapter weights only, no pickle).
+"""Adapters on disk: ``perft_config.json`` + ``adapter_model.safetensors`` (adapter weights only, no pickle).
+
+The config is not named ``adapter_config.json``: that is peft's file, and transformers and peft open any folder
+holding one as a peft adapter (transformers first loads the base model its ``base_model_name_or_path`` names),
+then fail on its missing ``peft_type``. Adapters saved before the rename (``adapter_config.json`` with our
+``format_version``) are still read.
 
 Saves are atomic: files are written into a temporary sibling directory, which then replaces the target.
 """
@@ -21,7 +26,8 @@ from ..quant.arch import get_arch
 from .config import PerftConfig
 from .model import attach_perft, detach_perft, iter_perft_blocks
 
-CONFIG_NAME = "adapter_config.json"
+CONFIG_NAME = "perft_config.json"
+LEGACY_CONFIG_NAME = "adapter_config.json"  # PERFT adapters saved before the rename; also peft's own config
 WEIGHTS_NAME = "adapter_model.safetensors"
 CARD_NAME = "README.md"  # the model card the trainer writes beside the adapter
 FORMAT_VERSION = 1
@@ -95,7 +101,7 @@ def save_adapter(model, directory: str, extra_metadata: dict | None = None, mode
         raise AdapterError("no PERFT adapter is attached to this model; call attach_perft first")
     directory = os.path.abspath(directory)
     if os.path.isdir(directory):
-        others = sorted(set(os.listdir(directory)) - {CONFIG_NAME, WEIGHTS_NAME, CARD_NAME})
+        others = sorted(set(os.listdir(directory)) - {CONFIG_NAME, LEGACY_CONFIG_NAME, WEIGHTS_NAME, CARD_NAME})
         if others:
             raise AdapterError(
                 f"refusing to replace {directory}: it holds files other than an adapter ({', '.join(others[:3])}); "
@@ -134,11 +140,21 @@ def save_adapter(model, directory: str, extra_metadata: dict | None = None, mode
     return directory
 
 
+def config_path(directory: str) -> str:
+    """``perft_config.json`` in ``directory``, else ``adapter_config.json`` (peft's, or a PERFT adapter saved
+    before the rename); AdapterError when there is neither."""
+    for name in (CONFIG_NAME, LEGACY_CONFIG_NAME):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    raise AdapterError(f"{directory} is not an adapter directory: {CONFIG_NAME} (PERFT) and {LEGACY_CONFIG_NAME} "
+                       "(peft) are missing")
+
+
 def read_config_json(directory: str):
-    """The parsed ``adapter_config.json`` of ``directory``, unchecked (ours or peft's); AdapterError if unreadable."""
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise AdapterError(f"{directory} is not an adapter directory: {CONFIG_NAME} is missing")
+    """The parsed config of the adapter in ``directory`` (:func:`config_path`), unchecked (ours or peft's);
+    AdapterError if unreadable."""
+    path = config_path(directory)
     try:
         with open(path) as f:
             return json.load(f)
@@ -147,8 +163,8 @@ def read_config_json(directory: str):
 
 
 def read_adapter_config(directory: str) -> dict:
-    """The parsed ``adapter_config.json`` of a PERFT adapter in ``directory``, checked for format version."""
-    path = os.path.join(directory, CONFIG_NAME)
+    """The parsed config of a PERFT adapter in ``directory``, checked for format version."""
+    path = config_path(directory)
     metadata = read_config_json(directory)
     version = metadata.get("format_version") if isinstance(metadata, dict) else None
     if version != FORMAT_VERSION:

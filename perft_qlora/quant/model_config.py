@@ -18,6 +18,11 @@ def is_local_path(name: str) -> bool:
     return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
+def _is_adapter_folder(path: str) -> bool:
+    """A PERFT adapter (``perft_config.json``; ``adapter_config.json`` before the rename) or a peft one."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in ("perft_config.json", "adapter_config.json"))
+
+
 def model_config(name: str, revision: str | None = None):
     """The base model's ``PretrainedConfig``, read from ``config.json`` only, for a supported MoE family."""
     from transformers import AutoConfig
@@ -27,6 +32,9 @@ def model_config(name: str, revision: str | None = None):
         if not os.path.isdir(path):
             raise UsageError(f"--model {name}: no such directory; pass a save_pretrained directory or a hub name")
         config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path) and _is_adapter_folder(path):
+            raise UsageError(f"{name} is an adapter folder, not a base model: pass it as --adapter and the model it was "
+                             "trained on as --model (its README.md names it)")
         if not os.path.isfile(config_path):
             raise UsageError(f"no config.json in {name}; --model must be a save_pretrained directory of an OLMoE or "
                              "Mixtral checkpoint (or a hub name)")

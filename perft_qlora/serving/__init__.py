@@ -1,1 +1,2 @@
-"""Serving adapters side by side (the app's model logic)."""
+"""Serving adapters: the app's model logic (chat.py) and generation in the recorded prompt template (generator.py,
+``python -m perft_qlora.generate``)."""

@@ -10,6 +10,7 @@ perft_qlora.evaluate --tasks demo --greedy`` scores them, and a before/after tab
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -20,6 +21,7 @@ import torch
 from ..evaluation.generate import generate_batch
 from ..evaluation.protocol import PROTOCOLS, scored_response
 from ..evaluation.tasks import TASKS
+from ..formats.demo_corpus import YES_NO
 from ..formats.demo_data import demo_data_path
 from ..formats.records import read_records
 from .demo_base import MANIFEST, demo_base_dir
@@ -28,6 +30,8 @@ from .train_options import TrainOptions, demo_base_path
 
 VARIANT_LABELS = {"perft": "PERFT", "perft_e": "PERFT-E", "perft_d": "PERFT-D", "perft_s": "PERFT-S", "lora": "LoRA"}
 GREEDY = PROTOCOLS["perft"].with_beams(1)
+DEMO_QUESTION = f"Is the following text written in small letters? {YES_NO}"
+"""The demo task's instruction (``formats.demo_corpus.small_letters``), for the generate command printed after training."""
 
 
 def prepare_demo_base(output_dir: str) -> str:
@@ -83,11 +87,14 @@ class DemoReport:
         )
 
     def next_commands(self, output_dir: str) -> str:
+        """Commands that work from this directory whatever it is (module names, not the clone's file paths)."""
         return (
             "next:\n"
+            f"  python -m perft_qlora.generate --model {self.base_dir} --adapter {self.adapter_dir} "
+            f"{shlex.quote(DEMO_QUESTION)} --input 'hello world'\n"
             f"  python -m perft_qlora.evaluate --model {self.base_dir} --adapter {self.adapter_dir} --tasks demo "
             f"--output-dir {os.path.join(output_dir, 'eval')}\n"
-            f"  python apps/compare.py --demo --demo-dir {output_dir}"
+            f"  python -m perft_qlora.app --demo --demo-dir {output_dir}   # the app (apps/compare.py in a clone)"
         )
 
 

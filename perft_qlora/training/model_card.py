@@ -15,6 +15,22 @@ def _fmt(value) -> str:
     return f"`{value}`" if isinstance(value, str) else str(value)
 
 
+def _what_this_is(is_perft: bool, base: str, adapter_dir: str) -> list[str]:
+    """The card's first paragraph: what the folder is, and what opens it (the hub shows this card)."""
+    if not is_perft:
+        return ["A peft LoRA adapter (perft_qlora's baseline, `--variant lora`) trained on an NF4 base model: "
+                "`peft.PeftModel.from_pretrained(base_model, this_folder)` opens it."]
+    return [
+        ("**A PERFT adapter** (routed PEFT experts, arXiv 2508.02587) trained with perft_qlora on an NF4 base "
+         "model: `perft_config.json` + `adapter_model.safetensors`, the adapter only, not the base weights."),
+        "",
+        ("It is neither a model (`transformers.AutoModelForCausalLM.from_pretrained` has no `config.json` to "
+         "read here) nor a peft adapter (`peft.PeftModel.from_pretrained` finds no `adapter_config.json`): load "
+         "it with perft_qlora as below, or export base model and adapter to a folder plain transformers opens: "
+         f"`python -m perft_qlora.export --model {base} --adapter {adapter_dir} --out OUT`."),
+    ]
+
+
 def render_model_card(metadata: dict, perft: dict | None, report=None, adapter_dir: str = "ADAPTER_DIR") -> str:
     """Markdown for an adapter trained with ``metadata`` (the run's ``extra.training``: base model, data, template,
     steps, best eval loss), ``perft`` (``PerftConfig.to_dict()``, None for the LoRA baseline) and ``report``
@@ -24,8 +40,7 @@ def render_model_card(metadata: dict, perft: dict | None, report=None, adapter_d
     lines = [
         f"# {variant} adapter for {base}",
         "",
-        ("Routed PEFT experts (PERFT, arXiv 2508.02587) trained with perft_qlora on an NF4 base model. Only the "
-         "adapter is stored here (`adapter_config.json` + `adapter_model.safetensors`), not the base weights."),
+        *_what_this_is(perft is not None, base, adapter_dir),
         "",
         "| | |",
         "|---|---|",
@@ -49,12 +64,14 @@ def render_model_card(metadata: dict, perft: dict | None, report=None, adapter_d
         "## Load it",
         "",
         "```python",
-        "from perft_qlora import load_adapter, load_model",
+        "from perft_qlora import Generator, load_adapter, load_model",
         "",
         f'model, tokenizer = load_model("{base}")  # NF4, experts included',
         f'load_adapter(model, "{adapter_dir}")',
+        f'print(Generator.load("{base}", adapter="{adapter_dir}")("INSTRUCTION"))  # the recorded prompt template',
         "```",
         "",
+        f'Generate: `python -m perft_qlora.generate --model {base} --adapter {adapter_dir} "INSTRUCTION"`.',
         (f"Evaluate: `python -m perft_qlora.evaluate --model {base} --adapter {adapter_dir} --tasks commonsense` "
          f"(prompts use the adapter's `{metadata.get('template') or 'released'}` template)."),
         "",

@@ -7,7 +7,7 @@ What it adds to ``SFTTrainer``, and nothing else:
   sum is not used here) and logged as ``perft_aux_loss``; TRL itself adds and logs the base router's
   term (``aux_loss``, weighted by ``SFTConfig.router_aux_loss_coef``);
 - tokens/s, peak memory and per-layer PERFT routing statistics at every logging step;
-- checkpoints that hold the adapter only (``adapter_config.json`` + ``adapter_model.safetensors``, written
+- checkpoints that hold the adapter only (``perft_config.json`` + ``adapter_model.safetensors``, written
   by :func:`save_adapter`), plus the optimizer, scheduler and RNG state the Trainer adds; resuming and
   best-checkpoint selection load them back with :func:`load_adapter`. The optimizer state is stored by
   parameter name, whole, in every engine (one process, DDP, FSDP: under FSDP gathered from the shards), so a
@@ -70,7 +70,7 @@ class PerftSFTTrainer(SFTTrainer):
     """``SFTTrainer`` plus the PERFT balance loss, richer logs and adapter-only checkpoints (see module doc).
 
     Args (besides ``SFTTrainer``'s):
-        run_metadata: written into every saved ``adapter_config.json`` under ``extra.training`` (data source,
+        run_metadata: written into every saved ``perft_config.json`` under ``extra.training`` (data source,
             base model, recipe knobs), together with the step and epoch of the save.
     """
 
