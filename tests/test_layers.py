@@ -27,9 +27,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("method",),  # PERFT and the shared adapter services
     ("formats",),  # data rows and prompt templates, shared by training and evaluation
     ("evaluation",),
-    ("training", "analysis", "serving"),
+    ("training", "analysis", "serving", "exporting"),
     ("plan", "bench"),
-    ("train", "evaluate", "analyze", "__init__", "__main__"),  # entry points and the public API
+    ("train", "evaluate", "analyze", "export", "__init__", "__main__"),  # entry points and the public API
 ]
 """Top-level module or sub-package of ``perft_qlora`` -> layer, bottom first."""
 
