@@ -62,6 +62,7 @@ CHILD = textwrap.dedent("""
     import torch
     from transformers import AutoModelForCausalLM
 
+    torch.set_num_threads(1)  # tiny models: a second thread only adds contention
     cases, report = torch.load(sys.argv[1]), {}
     for out, expected in cases.items():
         model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
@@ -110,6 +111,8 @@ def exported(tmp_path_factory):
     """Every family x variant exported in float32 (base weights as the checkpoint has them), two --dequantized
     exports and a LoRA one; perft_qlora's references; and the report of one process without perft_qlora."""
     root = tmp_path_factory.mktemp("export")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only adds contention
     ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(3))
     cases, folders = {}, {}
 
@@ -135,6 +138,7 @@ def exported(tmp_path_factory):
         export((arch, "perft", "dequantized"), base, adapter, "--dequantized", quantize="nf4")
     base = folders[("qwen3_moe", "perft")][0]
     export(("qwen3_moe", "lora"), base, make_lora_adapter(base, str(root / "adapter-lora")))
+    torch.set_num_threads(threads)
     return cases, folders, run_without_perft_qlora(cases, root)
 
 
