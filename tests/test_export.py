@@ -30,7 +30,8 @@ VARIANTS = {
 NEW_TOKENS = 6
 
 
-def make_adapter(base: str, directory: str, variant: str, template: str = "alpaca", seed: int = 0) -> str:
+def make_adapter(base: str, directory: str, variant: str, template: str = "alpaca", seed: int = 0,
+                 scale: float = 0.3) -> str:
     """A saved adapter with every tensor random (the up-projections too), so it changes the logits."""
     model, _ = load_model(base, quantize="none", device="cpu", dtype=torch.float32, progress=False)
     attach_perft(model, PerftConfig(variant=variant, bottleneck=8, activation="silu" if variant == "perft_d" else None,
@@ -39,7 +40,7 @@ def make_adapter(base: str, directory: str, variant: str, template: str = "alpac
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "perft_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
     return save_adapter(model, directory, extra_metadata={"training": {"template": template}})
 
 

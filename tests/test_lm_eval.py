@@ -20,6 +20,7 @@ ROWS = 12
 
 
 def test_lm_eval_agrees_with_perft_qlora_evaluate(tmp_path, monkeypatch):
+    from lm_eval.tasks import TaskManager
     from test_export import make_adapter
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -29,7 +30,8 @@ def test_lm_eval_agrees_with_perft_qlora_evaluate(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     try:
         base = demo_base_dir()
-        adapter = make_adapter(base, str(tmp_path / "adapter"), "perft", template="released", seed=2)
+        # small enough that the base's true / false answers survive, large enough to change some of them
+        adapter = make_adapter(base, str(tmp_path / "adapter"), "perft", template="released", seed=2, scale=0.05)
         out = str(tmp_path / "exported")
         export_main(["--model", base, "--adapter", adapter, "--out", out, "--dtype", "float32", "--dequantized"])
         rows = demo_rows(ROWS)
@@ -40,7 +42,7 @@ def test_lm_eval_agrees_with_perft_qlora_evaluate(tmp_path, monkeypatch):
         write_lm_eval_task(rows, str(tmp_path / "tasks"), template="released")
         results = lm_eval.simple_evaluate(
             model="hf", model_args=f"pretrained={out},trust_remote_code=True,dtype=float32", tasks=["perft_demo"],
-            device="cpu", batch_size=1, task_manager=lm_eval.tasks.TaskManager(include_path=str(tmp_path / "tasks")),
+            device="cpu", batch_size=1, task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
             log_samples=True,
         )
     finally:
@@ -55,4 +57,4 @@ def test_lm_eval_agrees_with_perft_qlora_evaluate(tmp_path, monkeypatch):
     theirs = [sample["filtered_resps"][0] for sample in samples]
     assert theirs == ours, (theirs, ours)  # the regex filter's fallback is evaluate's INVALID, "[invalid]"
     assert results["results"]["perft_demo"]["exact_match,extract"] == pytest.approx(accuracy)
-    assert 0 < accuracy < 1 or len(set(ours)) > 1, ours  # a check that could tell two scorers apart
+    assert {"true", "false"} <= set(ours), ours  # both answers occur: agreeing is not agreeing on "[invalid]"
