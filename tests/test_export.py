@@ -21,12 +21,7 @@ from perft_qlora.export import main as export_main
 from perft_qlora.quant.arch import ARCHITECTURES
 from perft_qlora.training.tiny import save_tiny_model
 
-VARIANTS = {
-    "perft": dict(num_experts=4, top_k=2),
-    "perft_e": dict(),
-    "perft_d": dict(num_experts=2),
-    "perft_s": dict(),
-}
+VARIANTS = {"perft": {"num_experts": 4, "top_k": 2}, "perft_e": {}, "perft_d": {"num_experts": 2}, "perft_s": {}}
 NEW_TOKENS = 6
 
 
@@ -70,7 +65,7 @@ CHILD = textwrap.dedent("""
         ids = expected["ids"]
         with torch.no_grad():
             logits = model(input_ids=ids).logits
-            tokens = model.generate(input_ids=ids, max_new_tokens=%d, do_sample=False, pad_token_id=257)
+            tokens = model.generate(input_ids=ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=257)
         report[out] = {
             "class": type(model).__name__,
             "max_diff": (logits - expected["logits"]).abs().max().item(),
@@ -78,7 +73,7 @@ CHILD = textwrap.dedent("""
             "same_tokens": torch.equal(tokens[:, ids.shape[1]:], expected["tokens"]),
         }
     print(json.dumps(report))
-""" % NEW_TOKENS)
+""").replace("NEW_TOKENS", str(NEW_TOKENS))
 
 
 def run_without_perft_qlora(cases: dict, tmp_path) -> dict:
@@ -88,7 +83,7 @@ def run_without_perft_qlora(cases: dict, tmp_path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TRANSFORMERS_VERBOSITY="error")
     result = subprocess.run([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "cases.pt")], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=600)
+                            env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -168,7 +163,7 @@ def test_the_adapter_matters_in_the_exported_model(exported):
 
 def test_folder_layout_and_config(exported):
     _, folders, _ = exported
-    _, adapter, out = folders[("mixtral", "perft")]
+    out = folders[("mixtral", "perft")][2]
     names = set(os.listdir(out))
     assert {"config.json", "modeling_perft.py", "model.safetensors.index.json", "README.md", "tokenizer.json",
             "adapter"} <= names
@@ -181,8 +176,9 @@ def test_folder_layout_and_config(exported):
     assert config["perft"]["prompt_template"] == "alpaca" and config["perft"]["renormalize"] is True
     shards = [n for n in names if n.endswith(".safetensors")]
     assert len(shards) == 1 + 2  # the embeddings and head, then one shard per decoder layer
-    source = open(os.path.join(out, "modeling_perft.py")).read()
-    assert "perft_qlora" not in source.split('"""', 2)[2].split("import")[0] and "from perft_qlora" not in source
+    with open(os.path.join(out, "modeling_perft.py")) as handle:
+        imported = {line.split()[1].split(".")[0] for line in handle if line.startswith(("import ", "from "))}
+    assert imported == {"__future__", "torch", "transformers"}
 
 
 def test_tokenizer_carries_the_adapter_template(exported):

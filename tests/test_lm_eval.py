@@ -49,7 +49,8 @@ def test_lm_eval_agrees_with_perft_qlora_evaluate(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     samples = sorted(results["samples"]["perft_demo"], key=lambda sample: sample["doc_id"])
     assert len(samples) == ROWS
-    prompts = [json.loads(line)["prompt"] for line in open(tmp_path / "tasks" / "perft_demo.jsonl")]
+    with open(tmp_path / "tasks" / "perft_demo.jsonl") as handle:
+        prompts = [json.loads(line)["prompt"] for line in handle]
     assert [sample["arguments"][0][0] for sample in samples] == prompts  # lm-eval sends our prompts unchanged
     from perft_qlora.evaluation.tasks import TASKS
 

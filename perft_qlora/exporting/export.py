@@ -31,6 +31,7 @@ from .weights import CheckpointTensors, DequantizedTensors, ShardWriter, expecte
 
 DTYPES = ("bfloat16", "float16", "float32")
 FORMAT_VERSION = 1
+GENERATION_CONFIG = "generation_config.json"
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -144,6 +145,8 @@ def export_perft(args, staging: str) -> None:
     config.dtype = dtype
     config.save_pretrained(staging)
     write_perft_config(staging, perft)
+    if os.path.isfile(os.path.join(directory, GENERATION_CONFIG)):
+        shutil.copyfile(os.path.join(directory, GENERATION_CONFIG), os.path.join(staging, GENERATION_CONFIG))
     copy_modeling_file(staging)
     copy_adapter(args.adapter, os.path.join(staging, ADAPTER_SUBDIR))
     save_tokenizer(tokenizer, staging, perft["prompt_template"])
@@ -178,8 +181,14 @@ def export(args) -> str:
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 (and safetensors' 0600) are not for a shared folder
     try:
         (export_perft if kind == "perft" else export_lora)(args, staging)
+        for folder, _, files in os.walk(staging):
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o666 & ~umask)
         if os.path.isdir(out):
             os.rmdir(out)  # checked empty above
         os.replace(staging, out)

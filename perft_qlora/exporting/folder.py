@@ -78,6 +78,7 @@ def model_card(perft: dict | None, base: str, adapter: str, dtype: str, weights:
     """The exported folder's README.md: what it holds, how to load it, how to evaluate it."""
     variant = perft["variant"] if perft else "lora"
     remote = ", trust_remote_code=True" if perft else ""
+    remote_arg = ",trust_remote_code=True" if perft else ""
     lines = [
         f"# {base} with the {variant} adapter {os.path.basename(os.path.normpath(adapter))}",
         "",
@@ -91,8 +92,8 @@ def model_card(perft: dict | None, base: str, adapter: str, dtype: str, weights:
         f"| prompt template | {template or DEFAULT_TEMPLATE} (the tokenizer's chat template) |",
     ]
     if perft:
-        lines += [f"| PERFT | M={perft['num_experts']}, K'={perft['top_k']}, bottleneck={perft['bottleneck']}, "
-                  f"gating={perft['gating']}, layers={perft['layers']} |",
+        lines += [(f"| PERFT | M={perft['num_experts']}, K'={perft['top_k']}, bottleneck={perft['bottleneck']}, "
+                   f"gating={perft['gating']}, layers={perft['layers']} |"),
                   "", (f"`{MODELING_NAME}` subclasses the family's transformers model and adds the PERFT router and "
                        "experts beside every adapted MoE block (it imports only torch and transformers).")]
     else:
@@ -108,8 +109,8 @@ def model_card(perft: dict | None, base: str, adapter: str, dtype: str, weights:
         "ids = tokenizer(prompt, return_tensors='pt')",
         "print(tokenizer.decode(model.generate(**ids, max_new_tokens=32)[0][ids.input_ids.shape[1]:]))",
         "```", "",
-        f"lm-evaluation-harness: `lm_eval --model hf --model_args pretrained=THIS_FOLDER{',trust_remote_code=True' if perft else ''} "
-        "--tasks boolq,piqa`.",
+        (f"lm-evaluation-harness: `lm_eval --model hf --model_args pretrained=THIS_FOLDER{remote_arg} "
+         "--tasks boolq,piqa`."),
         "",
     ]
     return "\n".join(lines)
