@@ -224,3 +224,32 @@ def test_bad_input_is_one_line_before_loading(tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_main(["--model", base, "--adapter", adapter, "--out", str(tmp_path / "out")])
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_fused_and_per_expert_checkpoints_export_the_same_tensors(exported, tmp_path):
+    """The tiny bases are saved in the hub's per-expert layout (Mixtral's block_sparse_moe.experts.N.w1 ...); the
+    same weights in transformers-5's fused layout export to the same tensors."""
+    from safetensors.torch import load_file, save_file
+
+    _, folders, _ = exported
+    base, adapter, out = folders[("mixtral", "perft_s")]
+    model, _ = load_model(base, quantize="none", device="cpu", dtype=torch.bfloat16, progress=False)
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(fused / "model.safetensors"))
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        with open(os.path.join(base, name)) as handle:
+            (fused / name).write_text(handle.read())
+    again = str(tmp_path / "out")
+    export_main(["--model", str(fused), "--adapter", adapter, "--out", again, "--dtype", "float32"])
+
+    def tensors(folder):
+        merged = {}
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".safetensors"):
+                merged.update(load_file(os.path.join(folder, name)))
+        return merged
+
+    ours, theirs = tensors(out), tensors(again)
+    assert ours.keys() == theirs.keys() and "model.layers.1.mlp.experts.gate_up_proj" in ours
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
