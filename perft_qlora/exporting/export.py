@@ -22,7 +22,7 @@ import torch
 
 from ..cli import HelpFormatter, add_debug_option, error_path
 from ..errors import UsageError
-from ..method.adapters import adapter_kind, training_record
+from ..method.adapters import adapter_kind, attach_saved_adapter, training_record
 from ..method.checkpoint import WEIGHTS_NAME, AdapterError, read_adapter_config, verify_adapter_files
 from ..quant.arch import get_arch
 from ..quant.model_config import model_config
@@ -155,13 +155,11 @@ def export_perft(args, staging: str) -> None:
 
 def export_lora(args, staging: str) -> None:
     """peft LoRA merged into the base (loaded unquantized in ``--dtype``) with ``merge_and_unload``."""
-    from peft import PeftModel
-
     from ..quant.loader import load_model
 
     model, tokenizer = load_model(args.model, quantize="none", device="cpu", dtype=getattr(torch, args.dtype),
                                   progress=False)
-    merged = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
+    merged = attach_saved_adapter(model, args.adapter).merge_and_unload()  # AdapterError when it does not fit
     merged.save_pretrained(staging, max_shard_size="4GB")
     template = training_record(args.adapter).get("template")
     save_tokenizer(tokenizer, staging, template)
