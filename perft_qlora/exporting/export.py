@@ -5,8 +5,8 @@ PERFT adapters add modules, so they travel as code: ``modeling_perft.py`` (``fol
 weights and the adapter's tensors (``weights.py``), written one decoder layer per shard. ``--variant lora``
 adapters (peft) are merged into the weights with peft's ``merge_and_unload``: a plain model, no code.
 
-Host memory: one decoder layer's tensors in the checkpoint's dtype and in ``--dtype`` (Mixtral-8x7B: its
-experts are 2.8 GB per layer in bf16, so under 6 GB), plus with ``--dequantized`` the NF4 model itself
+Host memory: one decoder layer's tensors in ``--dtype`` and safetensors' serialised copy of its shard (Mixtral-8x7B:
+its experts are 2.8 GB per layer in bf16, so about 6 GB), plus with ``--dequantized`` the NF4 model itself
 (about a quarter of the bf16 model). A LoRA export holds the whole merged model.
 """
 
