@@ -8,6 +8,7 @@ float32 logits and greedy tokens against perft_qlora's own model with the adapte
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -194,9 +195,10 @@ def test_tokenizer_carries_the_adapter_template(exported):
     assert text == format_prompt("Is it raining?")
 
 
-def test_round_trip_into_the_toolkit(exported):
+def test_round_trip_into_the_toolkit(exported, caplog):
     """load_model reads the exported folder as a base (the adapter tensors left out); its adapter/ attaches."""
     _, folders, _ = exported
+    caplog.set_level(logging.WARNING, logger="perft_qlora.quant.loader")
     base, adapter, out = folders[("olmoe", "perft_e")]
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(5))
     logits = {}
@@ -205,6 +207,7 @@ def test_round_trip_into_the_toolkit(exported):
         load_adapter(model, adapter_dir)
         logits[name] = model(input_ids=ids).logits
     assert torch.equal(logits["original"], logits["exported"])
+    assert "not used by the model" not in caplog.text  # the adapter's tensors are expected there
     model.train()
     out_ = model(input_ids=ids, labels=ids)
     out_.loss.backward()
