@@ -207,13 +207,14 @@ def test_bitsandbytes_notice_is_filtered_by_entry_points_only():
 def _parsers():
     from perft_qlora.bench import kernels as bench_kernels
     from perft_qlora.bench import train as bench_train
+    from perft_qlora.exporting import export
     from perft_qlora.training.train_options import make_parser
 
     return {"train": make_parser(), "evaluate": evaluate.make_parser(), "bench train": bench_train.make_parser(),
-            "bench kernels": bench_kernels.make_parser()}
+            "bench kernels": bench_kernels.make_parser(), "export": export.make_parser()}
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "bench train", "bench kernels"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "bench train", "bench kernels", "export"])
 def test_every_option_has_help_and_states_its_default_once(command):
     parser = _parsers()[command]
     formatter = parser._get_formatter()
@@ -225,7 +226,8 @@ def test_every_option_has_help_and_states_its_default_once(command):
         assert text.count("default:") <= 1, f"{command} {action.option_strings}: {text!r}"
         if not (action.default is None or action.default is False or action.default == []):
             assert "default:" in text, f"{command} {action.option_strings} does not state its default: {text!r}"
-    device = next(a for a in parser._actions if a.dest == "device") if command != "bench kernels" else None
+    no_device = ("bench kernels", "export")  # export runs on the CPU
+    device = next(a for a in parser._actions if a.dest == "device") if command not in no_device else None
     if device is not None:  # one wording everywhere
         assert "(default: cuda when available, else cpu)" in formatter._expand_help(device)
 

@@ -28,10 +28,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("method",),  # PERFT and the shared adapter services
     ("formats",),  # data rows and prompt templates, shared by training and evaluation
     ("evaluation",),
-    ("training", "analysis", "serving"),
+    ("training", "analysis", "serving", "exporting"),
     ("plan", "bench"),
     ("commands",),  # the perft-qlora console script: maps subcommands to modules by name, imports only cli
-    ("train", "evaluate", "analyze", "generate", "app", "__init__", "__main__"),  # entry points and the public API
+    ("train", "evaluate", "analyze", "generate", "export", "app", "__init__", "__main__"),  # entry points, public API
 ]
 """Top-level module or sub-package of ``perft_qlora`` -> layer, bottom first."""
 

@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 BLOCKSIZE = 64
 CHUNK_BYTES = 64 * 2**20  # checkpoint bytes of experts read (and quantized) at a time, at least one expert
+EXPORTED_ADAPTER_KEYS = (".perft_router.weight", ".perft_experts.down", ".perft_experts.up")
+"""Tensors of a folder written by ``python -m perft_qlora.export``: its PERFT adapter, which ``load_model`` leaves
+out (the base model only) and ``load_adapter(model, f"{folder}/adapter")`` attaches."""
 
 
 def load_model(
@@ -67,11 +70,11 @@ def load_model(
     if quantize not in ("nf4", "none"):
         raise ValueError(f"quantize must be 'nf4' or 'none', got {quantize!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    directory = _resolve_checkpoint(name_or_path, revision)
+    directory = resolve_checkpoint(name_or_path, revision)
     config = AutoConfig.from_pretrained(directory)
     arch = get_arch(config)  # fail on unsupported families before touching weights
     _refuse_prequantized(config, name_or_path)
-    tokenizer = _load_tokenizer(directory)
+    tokenizer = load_tokenizer(directory)
     with LoadMeter(device) as meter:
         if quantize == "none":
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map={"": device})
@@ -86,7 +89,7 @@ def load_model(
     return model, tokenizer
 
 
-def _resolve_checkpoint(name_or_path: str, revision: str | None) -> str:
+def resolve_checkpoint(name_or_path: str, revision: str | None) -> str:
     if os.path.isdir(name_or_path):
         return name_or_path
     from huggingface_hub import snapshot_download
@@ -113,7 +116,7 @@ def _refuse_prequantized(config, name_or_path: str) -> None:
         )
 
 
-def _load_tokenizer(directory: str):
+def load_tokenizer(directory: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except Exception as err:
@@ -147,7 +150,7 @@ def _load_nf4(directory, config, arch: MoEArch, device, dtype, double_quant, pro
         finally:
             stream.close()
             bar.close(complete=sys.exc_info()[0] is None)
-        unused = [k for k in reader.keys() if k not in reader.used]
+        unused = [k for k in reader.keys() if k not in reader.used and not k.endswith(EXPORTED_ADAPTER_KEYS)]
         if unused:
             logger.warning("checkpoint tensors not used by the model: %s", unused[:8])
         meter.report.bytes_read = reader.bytes_read
