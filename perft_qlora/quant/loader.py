@@ -55,7 +55,7 @@ def load_model(
     revision: str | None = None,
     progress: bool = True,
     experts_shard: ExpertShard | None = None,
-    offload_experts: Literal["none", "all", "auto"] = "none",
+    offload_experts: Literal["none", "all", "auto"] | tuple[int, ...] = "none",
     expert_budget_gib: float | None = None,
 ):
     """Load a supported MoE causal LM and its tokenizer, frozen, in eval mode.
@@ -71,7 +71,8 @@ def load_model(
         offload_experts: ``none`` (every layer's experts on ``device``), ``all`` (every MoE layer's experts in
             host memory, streamed a layer ahead through two staging buffers) or ``auto`` (as many layers
             resident as ``expert_budget_gib`` allows; all resident without a budget). ``model.expert_placement``
-            says which; ``model.expert_stager`` streams the others (None when nothing is offloaded).
+            says which; ``model.expert_stager`` streams the others (None when nothing is offloaded). A tuple of
+            decoder-layer indices offloads exactly those MoE layers (benchmarks).
         expert_budget_gib: GiB the routed experts may take on ``device`` (resident layers + staging buffers).
     Returns:
         ``(model, tokenizer)``.
@@ -105,17 +106,23 @@ def load_model(
 def _placement(config, arch: MoEArch, device, dtype, double_quant, quantize, mode, budget_gib, shard) -> ExpertPlacement:
     if budget_gib is not None and budget_gib < 0:
         raise ValueError(f"expert_budget_gib must be >= 0, got {budget_gib}")
-    if mode not in ("none", "all", "auto"):
+    explicit = isinstance(mode, (tuple, list))
+    if not explicit and mode not in ("none", "all", "auto"):
         raise ValueError(f"offload_experts must be 'none', 'all' or 'auto', got {mode!r}")
     if mode != "none" and quantize != "nf4":
         raise ValueError("offload_experts streams NF4 experts; it needs quantize='nf4'")
     if mode != "none" and shard is not None:
         raise ValueError("offload_experts is not supported under FSDP (experts_shard); use one or the other")
-    if mode == "none" or (mode == "auto" and budget_gib is None):
+    if mode == "none" or (mode == "auto" and budget_gib is None) or (explicit and not mode):
         return ExpertPlacement((), ())
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layer_bytes = expert_layer_bytes(meta, device, dtype, double_quant)
+    if explicit:
+        bad = [i for i in mode if not (0 <= i < len(layer_bytes) and layer_bytes[i])]
+        if bad:
+            raise ValueError(f"offload_experts layers {bad} are not MoE layers of this model")
+        return ExpertPlacement(tuple(layer_bytes), tuple(sorted(set(mode))))
     budget = None if budget_gib is None else int(budget_gib * 2**30)
     return place_experts(layer_bytes, mode, budget)
 
