@@ -201,11 +201,11 @@ def test_a_stream_slower_than_compute_is_said(capsys):
 
 def test_plan_gpu_memory_limit_is_the_budget_train_uses(tmp_path):
     """The limit plan prints for train leads train's budget to the planner's placement (same bytes)."""
-    from perft_qlora.quant.expert_placement import other_weight_bytes
+    from perft_qlora.quant.footprint import other_weight_bytes
 
     name, config = read_config("qwen3-30b-a3b")
     plan = make_plan(name, config, PerftConfig(variant="perft", num_experts=4, top_k=2), 16, 256)
     limit = plan.weights_limit(12)
     budget = limit * 2**30 - other_weight_bytes(config, "cuda")
-    expected = int(12 * 2**30) - (plan.total - sum(plan.expert_layer_bytes))
+    expected = 12 * 2**30 - (plan.total - sum(plan.expert_layer_bytes))
     assert abs(budget - expected) < 2**20

@@ -126,7 +126,7 @@ def _offload_kwargs(path: str, args) -> dict:
 
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16)
-    layer_bytes = expert_layer_bytes(meta, args.device)
+    layer_bytes = expert_layer_bytes(meta)
     moe = tuple(i for i, n in enumerate(layer_bytes) if n)
     return {"offload_experts": spread(moe, max(1, round(fraction * len(moe))))}
 

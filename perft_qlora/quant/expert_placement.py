@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .nf4 import NF4Weight
+from .arch import decoder_layers
+from .nf4 import NF4Weight, nf4_bytes, scale_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -88,24 +89,20 @@ def place_experts(layer_bytes: list[int] | tuple[int, ...], mode: str = "auto",
     return ExpertPlacement(layer_bytes, moe)  # even all offloaded needs more than the budget (the staging buffers)
 
 
-def expert_layer_bytes(model, device, dtype: torch.dtype = torch.bfloat16, double_quant: bool = True) -> list[int]:
-    """NF4 expert bytes of each decoder layer of a (``meta``) model, as the loader stores them."""
-    from .footprint import layer_footprints
-
-    return [f.nf4.get("experts", 0) + f.scales.get("experts", 0)
-            for f in layer_footprints(model, device, dtype, double_quant)]
-
-
-def other_weight_bytes(config, device, dtype: torch.dtype = torch.bfloat16, double_quant: bool = True) -> int:
-    """Bytes of the weights ``load_model`` keeps on the device whatever the placement (all but routed experts)."""
-    from transformers import AutoModelForCausalLM
-
-    from .footprint import weight_footprint
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return (weight_footprint(model, device, dtype, double_quant).total
-            - sum(expert_layer_bytes(model, device, dtype, double_quant)))
+def expert_layer_bytes(model, double_quant: bool = True) -> list[int]:
+    """NF4 expert bytes of each decoder layer of a (``meta``) model, as the loader stores them: the fused 3-D
+    expert tensors' packed values and scales (``footprint.py`` counts them by the same formulas)."""
+    sizes = []
+    for layer in decoder_layers(model):
+        total = 0
+        for name, module in layer.named_modules():
+            if name.rpartition(".")[2] != "experts":
+                continue
+            for param in module.parameters(recurse=False):
+                if param.dim() == 3:
+                    total += nf4_bytes(param.numel()) + scale_bytes(param.numel(), double_quant)
+        sizes.append(total)
+    return sizes
 
 
 def move_home(weight: NF4Weight, pin: bool) -> bool:

@@ -117,7 +117,7 @@ def _placement(config, arch: MoEArch, device, dtype, double_quant, quantize, mod
         return ExpertPlacement((), ())
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    layer_bytes = expert_layer_bytes(meta, device, dtype, double_quant)
+    layer_bytes = expert_layer_bytes(meta, double_quant)
     if explicit:
         bad = [i for i in mode if not (0 <= i < len(layer_bytes) and layer_bytes[i])]
         if bad:

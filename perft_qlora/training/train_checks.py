@@ -13,7 +13,7 @@ import os
 
 from ..errors import UsageError
 from ..quant.arch import get_arch
-from ..quant.expert_placement import other_weight_bytes
+from ..quant.footprint import other_weight_bytes
 from .train_options import TrainOptions
 
 
