@@ -70,7 +70,7 @@ def test_offloaded_experts_train_and_generate_like_resident_ones(four_layer_chec
     offloaded, _ = _load(directory, "all")
     stager = offloaded.expert_stager
     assert isinstance(stager, ExpertStager) and len(stager.experts) == len(offloaded.expert_placement.moe_layers) >= 3
-    kwargs = dict(max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    kwargs = {"max_new_tokens": 2, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     with torch.no_grad():
         assert torch.equal(resident.generate(ids[:1], **kwargs), offloaded.generate(ids[:1], **kwargs))
     expected = _train(resident, ids, mask)

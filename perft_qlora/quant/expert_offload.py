@@ -47,7 +47,6 @@ class HostCopier:
     def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], slot: int):
         for dst, src in pairs:
             dst.copy_(src)
-        return None
 
     def wait(self, ticket) -> None:
         pass

@@ -18,8 +18,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
-
 from .arch import decoder_layers
 from .nf4 import NF4Weight, nf4_bytes, scale_bytes
 

@@ -20,6 +20,7 @@ from .arch import ARCHITECTURES, decoder_layers
 from .loader import BLOCKSIZE, quantizes_linear, stored_dtype
 from .nf4 import NESTED_BLOCKSIZE, NESTED_CODE_BYTES, NF4_CODE_BYTES, nf4_bytes, scale_bytes  # noqa: F401 (re-exported)
 
+
 @dataclass
 class Footprint:
     """Bytes of a model's weights as loaded: NF4 values, their scales, and dense tensors per dtype."""
