@@ -3,11 +3,16 @@
     python -m perft_qlora.plan --model qwen3-30b-a3b --variant perft --num-experts 4 --top-k 2 --batch 16 --seq 256
     python -m perft_qlora.plan --model path/to/config.json --variant perft_e
     python -m perft_qlora.plan --model all          # the six shipped configs, one table
+    python -m perft_qlora.plan --model mixtral-8x7b --gpu-memory 24   # which layers' experts to stream, PCIe budget
 
 The model is built on the ``meta`` device (no weights, no download). Weights are counted as ``load_model``
 stores them (``footprint.py``: exact bytes, tested against CPU loads); adapters, their gradients and
 AdamW state from the variant's own modules; activations for one micro-batch with activation checkpointing
-by a formula (an estimate, not yet checked against a measured ``bench train`` GPU peak).
+by a formula (an estimate, not yet checked against a measured ``bench train`` GPU peak). ``--gpu-memory``
+keeps as many MoE layers' experts resident as the card allows and streams the rest from host memory
+(``quant/expert_placement.py``, the rule ``load_model(offload_experts="auto")`` follows), and prints the
+PCIe bytes per step next to the compute (``quant/stream_budget.py``: arithmetic at a stated bandwidth and
+throughput, no measurement).
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from .errors import PerftQloraError
 from .method.config import PerftConfig, default_shape
 from .method.variants import BlockFacts, build_adapter
 from .quant.arch import ARCHITECTURES, SHIPPED_CONFIGS, decoder_layers
+from .quant.expert_placement import ExpertPlacement, place_experts
 from .quant.footprint import Footprint, layer_footprints, weight_footprint
 from .quant.memory import format_bytes
+from .quant.stream_budget import DEFAULT_PCIE_GBPS, DEFAULT_TFLOPS, StreamBudget
 
 KNOWN_MODELS = {name: shipped.hub_id for name, shipped in SHIPPED_CONFIGS.items()}
 """Short name -> hub model whose public config.json is shipped as ``configs/<short name>.json`` (the registry's)."""
@@ -200,6 +207,21 @@ class MemoryPlan:
     """Under FSDP, bytes all-gathered whole at the peak: two decoder layers (the one computing and the next,
     prefetched; the largest layer counted twice) and the output embedding (accelerate keeps that unit gathered
     from the end of the forward to the start of the backward)."""
+    expert_layer_bytes: tuple[int, ...] = ()
+    """NF4 routed-expert bytes of each decoder layer (0 for a dense one)."""
+    active_parameters: int = 0
+    """Parameters one token goes through: routed experts counted top-k of E."""
+
+    def placement(self, gpu_memory_gib: float) -> ExpertPlacement | None:
+        """Experts resident / streamed on a card of ``gpu_memory_gib`` (None: does not fit even all streamed)."""
+        budget = int(gpu_memory_gib * GIB) - (self.total - sum(self.expert_layer_bytes))
+        placement = place_experts(self.expert_layer_bytes, "auto", max(budget, 0))
+        return placement if placement.device_bytes <= budget else None
+
+    def weights_limit(self, gpu_memory_gib: float) -> float:
+        """train's ``--gpu-memory-limit`` for this card: what the weights may use once adapters, AdamW state,
+        activations and the allowance have their share."""
+        return (gpu_memory_gib * GIB - self.adapters_per_gpu - self.activations - RUNTIME_ALLOWANCE) / GIB
 
     @property
     def weights_per_gpu(self) -> int:
@@ -241,7 +263,29 @@ def make_plan(name, model_config, perft_config: PerftConfig, batch: int, seq: in
             model, facts, perft_config, batch, seq, torch.empty((), dtype=adapter_dtype).element_size()
         ),
         gpus=gpus, gathered=_gathered_bytes(model, device, double_quant) if gpus > 1 else 0,
+        expert_layer_bytes=tuple(f.nf4.get("experts", 0) + f.scales.get("experts", 0)
+                                 for f in layer_footprints(model, device, torch.bfloat16, double_quant)),
+        active_parameters=_active_parameters(model, facts),
     )
+
+
+def _active_parameters(model, facts: BlockFacts) -> int:
+    routed = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name and p.dim() == 3)
+    return sum(p.numel() for p in model.parameters()) - routed + routed * facts.top_k // facts.num_experts
+
+
+def format_offload(plan: MemoryPlan, gpu_memory_gib: float, batch: int, seq: int, pcie_gbps: float, tflops: float,
+                   checkpointing: bool = True) -> str:
+    """The ``--gpu-memory`` lines: resident and streamed layers, PCIe bytes and time next to the compute."""
+    placement = plan.placement(gpu_memory_gib)
+    head = f"  on {gpu_memory_gib:g} GiB"
+    if placement is None:
+        return (f"{head}: does not fit even with every MoE layer's experts streamed (needs "
+                f"{_gib(plan.total - sum(plan.expert_layer_bytes) + place_experts(plan.expert_layer_bytes, 'all').device_bytes)})")
+    budget = StreamBudget(placement, plan.active_parameters, batch * seq, pcie_gbps, tflops, checkpointing)
+    train = (f"  train        --offload-experts auto --gpu-memory-limit {plan.weights_limit(gpu_memory_gib):.2f}"
+             f"  (GiB for the weights: the card less adapters, AdamW state, activations and the allowance)")
+    return "\n".join([f"{head}:", *budget.lines(), train])
 
 
 def _gathered_bytes(model, device: str, double_quant: bool) -> int:
@@ -302,6 +346,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (the recipe's 256)")
     parser.add_argument("--adapter-dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--no-double-quant", action="store_true", help="plain float32 NF4 scales")
+    parser.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                        help="plan for a card of this many GiB: which MoE layers' experts stay resident, which stream "
+                             "from host memory, and the PCIe traffic per step")
+    parser.add_argument("--pcie-gbps", type=float, default=DEFAULT_PCIE_GBPS,
+                        help="host-to-device bandwidth assumed for --gpu-memory, GB/s")
+    parser.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS,
+                        help="sustained bf16 throughput assumed for the compute time next to the PCIe time, TFLOP/s")
     parser.add_argument("--gpus", type=positive_int, default=1,
                         help="shard over this many GPUs with FSDP2 (examples/accelerate/fsdp.yaml); totals are per GPU")
     return parser
@@ -311,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     num_experts, top_k = default_shape(args.variant, args.num_experts, args.top_k)
+    if args.gpu_memory is not None and (args.gpu_memory <= 0 or args.gpus > 1):
+        parser.error("--gpu-memory takes a positive size in GiB, for one GPU (offloading is not combined with FSDP)")
+    if args.pcie_gbps <= 0 or args.tflops <= 0:
+        parser.error("--pcie-gbps and --tflops must be positive")
     try:
         perft_config = PerftConfig(variant=args.variant, num_experts=num_experts, top_k=top_k, bottleneck=args.bottleneck)
         names = [n for m in args.model for n in (KNOWN_MODELS if m == "all" else [m])]
@@ -321,7 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, config in configs:
         plan = make_plan(name, config, perft_config, args.batch, args.seq, double_quant=not args.no_double_quant,
                          adapter_dtype=getattr(torch, args.adapter_dtype), gpus=args.gpus)
-        print(format_plan(plan, perft_config, args.batch, args.seq), end="\n\n")
+        print(format_plan(plan, perft_config, args.batch, args.seq))
+        if args.gpu_memory is not None:
+            print(format_offload(plan, args.gpu_memory, args.batch, args.seq, args.pcie_gbps, args.tflops))
+        print()
         plans.append(plan)
     if len(plans) > 1:
         print(format_table(plans))

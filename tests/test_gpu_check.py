@@ -23,7 +23,8 @@ def test_smoke_run_writes_every_output(tmp_path):
     code = gpu_check.main(["--smoke", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
     summary = json.loads((out / "gpu-check.json").read_text())
     statuses = {s["name"]: s["status"] for s in summary["stages"]}
-    assert statuses == {"pytest-gpu": "ok", "kernels": "ok", "train-olmoe-grouped": "ok", "generate": "ok"}, [
+    assert statuses == {"pytest-gpu": "ok", "kernels": "ok", "train-olmoe-grouped": "ok", "train-olmoe-offload": "ok",
+                        "generate": "ok"}, [
         (s["name"], s.get("tail", "")[-1500:]) for s in summary["stages"] if s["status"] != "ok"]
     assert code == 0
     assert summary["env"]["packages"]["torch"] and "missing" in summary["env"]
@@ -32,6 +33,8 @@ def test_smoke_run_writes_every_output(tmp_path):
     generate = next(s for s in summary["stages"] if s["name"] == "generate")["result"]
     assert {r["backend"] for r in generate["rows"]} == {"grouped", "reference"}
     assert all(r["tokens_per_s"] > 0 for r in generate["rows"])
+    offload = next(s for s in summary["stages"] if s["name"] == "train-olmoe-offload")["result"]["results"][0]
+    assert offload["offloaded_layers"] == 4, offload  # the stage streams every layer of the 4-layer cut
     block = (out / "benchmarks.md").read_text()
     for title in ("#### kernels", "#### train-olmoe-grouped", "#### generate"):
         assert title in block

@@ -153,3 +153,59 @@ def test_fsdp_plan_divides_what_fsdp_shards(capsys):
     assert one.fits()[24] is False and two.fits()[24] is True  # the case FSDP is for: Mixtral on 2 x 24 GB
     assert main(["--model", "mixtral-8x7b", "--gpus", "2"]) == 0
     assert "FSDP2 x 2" in capsys.readouterr().out
+
+
+# --gpu-memory: experts streamed from host memory (issue 26) ---------------------------------------------------
+
+
+def test_place_experts_keeps_as_many_layers_resident_as_the_budget_allows():
+    from perft_qlora.quant.expert_placement import place_experts
+
+    layers = [0, 10, 10, 10, 10]  # a dense first layer, four MoE layers of 10 bytes
+    assert place_experts(layers, "auto", 40).offloaded == ()  # everything fits: nothing streams
+    tight = place_experts(layers, "auto", 39)  # 3 resident + one buffer = 40, 2 resident + two buffers = 40: 1 resident
+    assert len(tight.offloaded) == 3 and tight.device_bytes == 30
+    assert place_experts(layers, "auto", 20).offloaded == (1, 2, 3, 4) and place_experts(layers, "auto", 20).staging_bytes == 20
+    assert place_experts(layers, "all").offloaded == (1, 2, 3, 4)
+    assert place_experts(layers, "none", 0).offloaded == ()
+    half = place_experts([10] * 8, "auto", 60)  # 4 resident + 2 buffers
+    assert half.offloaded == (1, 3, 5, 7) and half.device_bytes == 60  # spread, not the last four
+
+
+def test_mixtral_fits_a_24_gib_card_with_a_printed_pcie_budget(capsys):
+    main(["--model", "mixtral-8x7b", "--gpu-memory", "24", "--pcie-gbps", "25", "--tflops", "50"])
+    out = capsys.readouterr().out
+    plan = make_plan("mixtral-8x7b", read_config("mixtral-8x7b")[1], PerftConfig(variant="perft", num_experts=4, top_k=2),
+                     16, 256)
+    placement = plan.placement(24)
+    assert placement is not None and 0 < len(placement.offloaded) < 32
+    on_card = plan.total - sum(plan.expert_layer_bytes) + placement.device_bytes
+    assert on_card <= 24 * 2**30 < plan.total  # it fits only thanks to the streamed layers
+    assert placement.host_bytes + placement.device_bytes - placement.staging_bytes == sum(plan.expert_layer_bytes)
+    gb = 2 * placement.host_bytes / 1e9  # two copies of each streamed layer per step
+    assert f"PCIe         {gb:.1f} GB per step" in out and f"{gb / 25:.2f} s at 25 GB/s" in out
+    assert "hides behind compute" in out and "--gpu-memory-limit" in out
+    # 8 FLOP per active parameter and token with recompute; Mixtral has ~12.9 B active parameters
+    assert 12.5e9 < plan.active_parameters < 13.2e9 and f"{8 * plan.active_parameters * 16 * 256:.2e} FLOP" in out
+
+
+def test_a_card_too_small_even_when_streaming_everything_is_said(capsys):
+    main(["--model", "mixtral-8x7b", "--gpu-memory", "4"])
+    assert "does not fit even with every MoE layer's experts streamed" in capsys.readouterr().out
+
+
+def test_a_stream_slower_than_compute_is_said(capsys):
+    main(["--model", "olmoe-1b-7b", "--gpu-memory", "6", "--pcie-gbps", "0.5"])
+    assert "does NOT hide behind compute" in capsys.readouterr().out
+
+
+def test_plan_gpu_memory_limit_is_the_budget_train_uses(tmp_path):
+    """The limit plan prints for train leads train's budget to the planner's placement (same bytes)."""
+    from perft_qlora.quant.footprint import other_weight_bytes
+
+    name, config = read_config("qwen3-30b-a3b")
+    plan = make_plan(name, config, PerftConfig(variant="perft", num_experts=4, top_k=2), 16, 256)
+    limit = plan.weights_limit(12)
+    budget = limit * 2**30 - other_weight_bytes(config, "cuda")
+    expected = 12 * 2**30 - (plan.total - sum(plan.expert_layer_bytes))
+    assert abs(budget - expected) < 2**20

@@ -3,13 +3,16 @@
     python -m perft_qlora.bench train --arch olmoe-1b-7b --batch 16 --seq 256 --baseline hf-qlora,hf-bf16,bnb-param4
     python -m perft_qlora.bench train --arch mixtral-8x7b --batch 4 --seq 512 --num-layers 8 --baseline bnb-param4
     python -m perft_qlora.bench train --arch tiny --steps 2 --warmup 1     # CPU: checks the harness, measures nothing
+    python -m perft_qlora.bench train --arch olmoe-1b-7b --num-layers 8 --offload-experts 0.25   # a quarter streamed
 
 A random-weight checkpoint at the architecture's real shapes is written once to ``--cache-dir`` and every
 setup loads it from disk as a user would. Each setup runs in its own process (so peaks do not mix) and trains
 through the same TRL ``SFTTrainer`` loop on random tokens with activation checkpointing; the first
 ``--warmup`` steps are excluded and tokens/s is taken from the median step time. Setups:
 
-- ``perft_qlora``: ``load_model`` (every big weight NF4, experts included) + PERFT (``--variant``...).
+- ``perft_qlora``: ``load_model`` (every big weight NF4, experts included) + PERFT (``--variant``...);
+  ``--offload-experts all`` or a fraction streams that share of the MoE layers' experts from host memory
+  (``quant/expert_offload.py``; spread evenly, as ``load_model(offload_experts="auto")`` places them).
 - ``hf-qlora``: ``BitsAndBytesConfig(load_in_4bit)`` + ``prepare_model_for_kbit_training`` + peft LoRA r=16 on
   attention (the recipe users follow today; its experts stay bf16, bitsandbytes issue #1849).
 - ``hf-bf16``: bf16 model, ``experts_implementation="grouped_mm"``, LoRA on attention.
@@ -72,7 +75,7 @@ def build_model(setup: str, path: str, args):
         from ..method.model import attach_perft
         from ..quant.loader import load_model
 
-        model, tokenizer = load_model(path, device=device, progress=False)
+        model, tokenizer = load_model(path, device=device, progress=False, **_offload_kwargs(path, args))
         top_k = args.top_k if args.variant == "perft" else None
         experts = args.num_experts if args.variant in ("perft", "perft_d") else None
         attach_perft(model, PerftConfig(variant=args.variant, num_experts=experts, top_k=top_k,
@@ -96,6 +99,36 @@ def build_model(setup: str, path: str, args):
                 if isinstance(getattr(module, name, None), torch.nn.Parameter) and getattr(module, name).dim() == 3:
                     replace_parameter_4bit(module, name, compress_statistics=True, quant_type="nf4")
     return _attention_lora(model), tokenizer
+
+
+def offload_fraction(text: str) -> float:
+    """``--offload-experts``: none (0), all (1) or the fraction of MoE layers streamed, in [0, 1]."""
+    value = {"none": 0.0, "all": 1.0}.get(text)
+    if value is None:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: pass none, all or a fraction of the MoE layers in [0, 1]")
+    return value
+
+
+def _offload_kwargs(path: str, args) -> dict:
+    """``load_model`` arguments streaming ``args.offload_experts`` of the MoE layers (rounded to whole layers, spread
+    evenly; ``auto`` would keep a layer resident whenever streaming it saves nothing, as with two or fewer)."""
+    fraction = getattr(args, "offload_experts", 0.0)
+    if fraction in (0.0, 1.0):
+        return {"offload_experts": "all" if fraction else "none"}
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..quant.expert_placement import expert_layer_bytes, spread
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16)
+    layer_bytes = expert_layer_bytes(meta)
+    moe = tuple(i for i, n in enumerate(layer_bytes) if n)
+    return {"offload_experts": spread(moe, max(1, round(fraction * len(moe))))}
 
 
 class _StepTimer:
@@ -152,6 +185,7 @@ def run_setup(setup: str, path: str, args) -> dict:
         "load_host_file_gib": load.host.peak_file / GIB, "weights_gib": weights / GIB,
         "train_peak_gib": peak_memory_bytes()[1] / GIB, "step_s": step, "tokens_per_s": args.batch * args.seq / step,
         "steps_timed": len(timer.times) - args.warmup,
+        "offloaded_layers": len(getattr(getattr(model, "expert_placement", None), "offloaded", ())),
         "kernels": {"requested": os.environ.get("PERFT_QLORA_KERNELS", "auto"), **_kernel_choices()},
     }
 
@@ -190,6 +224,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=2, help="K' (default: %(default)s)")
     p.add_argument("--bottleneck", type=int, default=16, help="DB (default: %(default)s)")
     p.add_argument("--baseline", default="none", help=f"comma list of {', '.join(SETUPS[1:])}, or none (default: %(default)s)")
+    p.add_argument("--offload-experts", type=offload_fraction, default=0.0, metavar="none|all|FRACTION",
+                   help="perft_qlora: stream this share of the MoE layers' experts from host memory (default: none)")
     p.add_argument("--steps", type=int, default=8, help="timed steps (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed first steps (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

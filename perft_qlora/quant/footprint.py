@@ -18,25 +18,7 @@ from torch import nn
 
 from .arch import ARCHITECTURES, decoder_layers
 from .loader import BLOCKSIZE, quantizes_linear, stored_dtype
-from .nf4 import NESTED_BLOCKSIZE
-
-NF4_CODE_BYTES = 16 * 4
-"""The NF4 code book (16 float32 values), stored with every quantized tensor."""
-NESTED_CODE_BYTES = 256 * 4
-"""The 8-bit code book of double-quantized scales (256 float32 values)."""
-
-
-def nf4_bytes(numel: int) -> int:
-    """Packed 4-bit values of ``numel`` weights."""
-    return (numel + 1) // 2
-
-
-def scale_bytes(numel: int, double_quant: bool) -> int:
-    """Block scales of ``numel`` weights: float32 per 64 values, or uint8 + float32 per 256 scales + code books."""
-    blocks = math.ceil(numel / BLOCKSIZE)
-    if not double_quant:
-        return blocks * 4 + NF4_CODE_BYTES
-    return blocks + math.ceil(blocks / NESTED_BLOCKSIZE) * 4 + NESTED_CODE_BYTES + 4 + NF4_CODE_BYTES  # + offset
+from .nf4 import NESTED_BLOCKSIZE, NESTED_CODE_BYTES, NF4_CODE_BYTES, nf4_bytes, scale_bytes  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -100,6 +82,16 @@ def weight_footprint(
         elif container is None or not name.startswith(container):  # inside a layer: counted with it
             _dense_footprint(module, footprint, seen, dtype)
     return footprint
+
+
+def other_weight_bytes(config, device, dtype: torch.dtype = torch.bfloat16, double_quant: bool = True) -> int:
+    """Bytes of the weights ``load_model`` keeps on the device whatever the expert placement (all but routed experts)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    footprint = weight_footprint(model, device, dtype, double_quant)
+    return footprint.total - footprint.nf4.get("experts", 0) - footprint.scales.get("experts", 0)
 
 
 def layer_footprints(

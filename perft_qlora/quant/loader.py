@@ -9,6 +9,9 @@ a shard, and no page of a shard stays resident), experts in chunks of whole expe
 thread reads one ahead (:mod:`~perft_qlora.quant.expert_stream`) while the current chunk is quantized on the
 device (:class:`~perft_qlora.quant.nf4_quantize.NF4Stack`) and dropped. Host memory while loading is the final
 host-resident footprint plus a few chunks (tens of MiB each) and one layer's small tensors in bf16.
+With ``offload_experts`` (``expert_placement.py``) some MoE layers' experts, once quantized on the device, move to
+host memory (pinned on CUDA) and stream back through two staging buffers when they compute
+(``expert_offload.ExpertStager``, ``model.expert_stager``).
 Embeddings, norms, routers and ``lm_head`` stay in the compute dtype (the router must be exact for
 PERFT-E), or in float32 where the model class keeps it (DeepSeek's router). ``model.load_report`` (:class:`~perft_qlora.quant.load_report.LoadReport`) says what the load cost.
 """
@@ -27,6 +30,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .arch import MoEArch, decoder_layers, get_arch
 from .checkpoint_reader import CheckpointReader
+from .expert_offload import ExpertStager
+from .expert_placement import ExpertPlacement, expert_layer_bytes, move_home, place_experts
 from .expert_stream import WHICH, ExpertStream, expert_chunks
 from .host_memory import release_free_heap
 from .load_report import LoadMeter, LoadProgress
@@ -53,6 +58,8 @@ def load_model(
     revision: str | None = None,
     progress: bool = True,
     experts_shard: ExpertShard | None = None,
+    offload_experts: Literal["none", "all", "auto"] | tuple[int, ...] = "none",
+    expert_budget_gib: float | None = None,
 ):
     """Load a supported MoE causal LM and its tokenizer, frozen, in eval mode.
 
@@ -64,6 +71,12 @@ def load_model(
         double_quant: also quantize the NF4 block scales (bitsandbytes' ``compress_statistics``).
         experts_shard: under FSDP, read and quantize only this rank's routed experts (``sharding.ExpertShard``);
             the model is whole-shaped but holds only those experts' bytes, until ``fully_shard`` keeps them.
+        offload_experts: ``none`` (every layer's experts on ``device``), ``all`` (every MoE layer's experts in
+            host memory, streamed a layer ahead through two staging buffers) or ``auto`` (as many layers
+            resident as ``expert_budget_gib`` allows; all resident without a budget). ``model.expert_placement``
+            says which; ``model.expert_stager`` streams the others (None when nothing is offloaded). A tuple of
+            decoder-layer indices offloads exactly those MoE layers (benchmarks).
+        expert_budget_gib: GiB the routed experts may take on ``device`` (resident layers + staging buffers).
     Returns:
         ``(model, tokenizer)``.
     """
@@ -74,12 +87,16 @@ def load_model(
     config = AutoConfig.from_pretrained(directory)
     arch = get_arch(config)  # fail on unsupported families before touching weights
     _refuse_prequantized(config, name_or_path)
+    placement = _placement(config, arch, device, dtype, double_quant, quantize, offload_experts, expert_budget_gib,
+                           experts_shard)
     tokenizer = load_tokenizer(directory)
     with LoadMeter(device) as meter:
         if quantize == "none":
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map={"": device})
         else:
-            model = _load_nf4(directory, config, arch, device, dtype, double_quant, progress, meter, experts_shard)
+            model = _load_nf4(directory, config, arch, device, dtype, double_quant, progress, meter, experts_shard,
+                              placement.offloaded)
+    _attach_stager(model, arch, placement, device)
     model.load_report = meter.report
     logger.info("%s", meter.report)
     model.name_or_path = name_or_path
@@ -87,6 +104,46 @@ def load_model(
     model.requires_grad_(False)
     model.eval()
     return model, tokenizer
+
+
+def _placement(config, arch: MoEArch, device, dtype, double_quant, quantize, mode, budget_gib, shard) -> ExpertPlacement:
+    if budget_gib is not None and budget_gib < 0:
+        raise ValueError(f"expert_budget_gib must be >= 0, got {budget_gib}")
+    explicit = isinstance(mode, (tuple, list))
+    if not explicit and mode not in ("none", "all", "auto"):
+        raise ValueError(f"offload_experts must be 'none', 'all' or 'auto', got {mode!r}")
+    if mode != "none" and quantize != "nf4":
+        raise ValueError("offload_experts streams NF4 experts; it needs quantize='nf4'")
+    if mode != "none" and shard is not None:
+        raise ValueError("offload_experts is not supported under FSDP (experts_shard); use one or the other")
+    if mode == "none" or (mode == "auto" and budget_gib is None) or (explicit and not mode):
+        return ExpertPlacement((), ())
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layer_bytes = expert_layer_bytes(meta, double_quant)
+    if explicit:
+        bad = [i for i in mode if not (0 <= i < len(layer_bytes) and layer_bytes[i])]
+        if bad:
+            raise ValueError(f"offload_experts layers {bad} are not MoE layers of this model")
+        return ExpertPlacement(tuple(layer_bytes), tuple(sorted(set(mode))))
+    budget = None if budget_gib is None else int(budget_gib * 2**30)
+    return place_experts(layer_bytes, mode, budget)
+
+
+def _attach_stager(model, arch: MoEArch, placement: ExpertPlacement, device) -> None:
+    model.expert_placement = placement
+    model.expert_stager = None
+    if not placement.offloaded:
+        return
+    layers = decoder_layers(model)
+    experts = [getattr(getattr(layers[i], arch.moe_block), arch.experts) for i in placement.offloaded]
+    model.expert_stager = ExpertStager(experts, device)
+    # Accelerate leaves a model with a device map of several entries where it is (no .to(device) moving the
+    # offloaded experts back); the Trainer's own move is skipped by PerftSFTTrainer for the same reason.
+    names = {id(module): name for name, module in model.named_modules()}
+    model.hf_device_map = {"": str(device), **{names[id(e)]: "cpu" for e in experts}}
+    logger.info("experts of %d of %d MoE layers in host memory (%.2f GiB), streamed through %s",
+                len(placement.offloaded), len(placement.moe_layers), placement.host_bytes / 2**30, model.expert_stager)
 
 
 def resolve_checkpoint(name_or_path: str, revision: str | None) -> str:
@@ -129,7 +186,7 @@ def load_tokenizer(directory: str):
 
 
 def _load_nf4(directory, config, arch: MoEArch, device, dtype, double_quant, progress, meter: LoadMeter,
-              shard: ExpertShard | None = None):
+              shard: ExpertShard | None = None, offloaded: tuple[int, ...] = ()):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = decoder_layers(model)
@@ -139,10 +196,13 @@ def _load_nf4(directory, config, arch: MoEArch, device, dtype, double_quant, pro
         reader.on_read = bar.read
         experts = shard.experts if shard is not None else None
         stream = ExpertStream(expert_chunks(reader, arch, _expert_shapes(layers, arch), CHUNK_BYTES, experts))
+        pinned = True
         try:
             _load_tensors(model, "", reader, device, dtype, arch, skip_prefix="model.layers.", optional=tied)
             for i, layer in enumerate(layers):
                 _load_layer(layer, i, reader, stream, arch, device, dtype, double_quant, config.hidden_act, shard)
+                if i in offloaded:
+                    pinned = _offload_layer(layer, arch, device, pinned)
                 reader.close_finished()  # no file of a finished layer stays open
                 release_free_heap()  # freed chunks and float32 scales back to the OS, not kept as heap holes
                 bar.layer_done(i)
@@ -181,6 +241,18 @@ def _load_layer(layer, index: int, reader, stream, arch: MoEArch, device, dtype,
         setattr(moe, arch.experts, _load_experts(stream, index, experts, device, dtype, double_quant, hidden_act, shard))
     _replace_linears(layer, device, dtype, double_quant, keep=arch.keep_dense)
     _load_tensors(layer, prefix, reader, device, dtype, arch)
+
+
+def _offload_layer(layer, arch: MoEArch, device, pinned: bool) -> bool:
+    """Move the layer's experts (quantized on ``device``) to host memory, pinned on CUDA; warns once, the first
+    time pinning fails, and returns whether the memory is still pinned."""
+    experts = getattr(getattr(layer, arch.moe_block), arch.experts)
+    pin = device.type == "cuda" and pinned
+    ok = all([move_home(experts.gate_up_proj, pin), move_home(experts.down_proj, pin)])
+    if pin and not ok:
+        logger.warning("could not pin host memory for the offloaded experts; they stay pageable, so each copy to "
+                       "the GPU is synchronous (no overlap with compute) and slower")
+    return pinned and ok
 
 
 def _checkpoint_keys(name: str, arch: MoEArch) -> list[str]:

@@ -9,6 +9,7 @@ bf16; the second-level (nested) statistics are computed once over all experts, a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import bitsandbytes.functional as bnbF
@@ -18,6 +19,25 @@ from torch import nn
 from ..kernels.reference import dequantize_nf4_reference, nested_absmax_reference
 
 NESTED_BLOCKSIZE = 256  # bitsandbytes' fixed block size for double-quantized statistics
+
+NF4_CODE_BYTES = 16 * 4
+"""The NF4 code book (16 float32 values), stored with every quantized tensor."""
+NESTED_CODE_BYTES = 256 * 4
+"""The 8-bit code book of double-quantized scales (256 float32 values)."""
+
+
+def nf4_bytes(numel: int) -> int:
+    """Packed 4-bit values of ``numel`` weights."""
+    return (numel + 1) // 2
+
+
+def scale_bytes(numel: int, double_quant: bool, blocksize: int = 64) -> int:
+    """Block scales of ``numel`` weights (blocks of ``blocksize``, the loader's 64): float32 per block, or uint8
+    per block + float32 per 256 scales + code books when double-quantized."""
+    blocks = math.ceil(numel / blocksize)
+    if not double_quant:
+        return blocks * 4 + NF4_CODE_BYTES
+    return blocks + math.ceil(blocks / NESTED_BLOCKSIZE) * 4 + NESTED_CODE_BYTES + 4 + NF4_CODE_BYTES  # + offset
 
 
 class NF4Weight(nn.Module):

@@ -6,6 +6,10 @@ fused Triton kernels dequantize NF4 tiles in registers; elsewhere the reference 
 hit by at least one token on its own, uses it and drops it, and dequantizes it again in backward
 instead of keeping a bf16 copy alive between forward and backward. Gradients flow to the input and
 the routing weights only: the expert weights are buffers.
+
+An offloaded layer (``load_model(offload_experts=...)``) has ``stager`` set (``expert_offload.ExpertStager``):
+its own weights stay in host memory and it computes from the stager's staging buffer, which the stager fills
+again, through a hook on the output, before the backward runs.
 """
 
 from __future__ import annotations
@@ -33,6 +37,19 @@ class NF4Experts(nn.Module):
         self.down_proj = down_proj
         self.hidden_act = hidden_act
         self.act_fn = ACT2FN[hidden_act]
+        self.stager = None  # an ExpertStager when this layer's experts are offloaded (set by the stager)
+        self.stage_ordinal = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        return nf4_expert_mlp(hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index, self.hidden_act)
+        if self.stager is None:
+            return nf4_expert_mlp(hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index,
+                                  self.hidden_act)
+        gate_up, down = self.stager.acquire(self.stage_ordinal)
+        out = nf4_expert_mlp(hidden_states, gate_up, down, top_k_weights, top_k_index, self.hidden_act)
+        if out.requires_grad:
+            out.register_hook(self.stager.backward_hook(self.stage_ordinal))
+        return out
+
+    @property
+    def offloaded(self) -> bool:
+        return self.stager is not None

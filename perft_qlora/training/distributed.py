@@ -108,6 +108,9 @@ def check_engine(options: TrainOptions) -> None:
     if engine == "deepspeed":
         raise UsageError("DeepSpeed is not supported; launch with --config_file examples/accelerate/ddp.yaml "
                          "(or fsdp.yaml to shard the model)")
+    if world_size() > 1 and engine != "fsdp" and (options.offload_experts == "all" or options.gpu_memory_limit):
+        raise UsageError("--offload-experts / --gpu-memory-limit run in one process only (accelerate refuses a model "
+                         "with offloaded parts in data parallel); drop them or launch a single process")
     if world_size() > 1 and options.backend == "unsloth":
         raise UsageError("--backend unsloth runs in one process only; drop it or launch a single process")
 
@@ -125,6 +128,9 @@ def check_fsdp(options: TrainOptions) -> None:
     if env("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true" and options.gradient_checkpointing:
         raise UsageError("fsdp_activation_checkpointing and --gradient-checkpointing both recompute layers: "
                          f"set fsdp_activation_checkpointing: false (train's --gradient-checkpointing does it){fix}")
+    if options.offload_experts == "all" or options.gpu_memory_limit is not None:
+        raise UsageError("--offload-experts / --gpu-memory-limit are not supported under FSDP (it shards the experts "
+                         "across GPUs instead); drop them or launch without FSDP")
     if env("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
         raise UsageError(f"fsdp_offload_params is not supported (untested with the NF4 storage): set it to "
                          f"false{fix}")

@@ -41,7 +41,7 @@ from .baseline import attach_lora_baseline
 from .data import count_truncated, split_validation, to_prompt_completion
 from .demo import prepare_demo_base, run_demo
 from .distributed import expert_shard, is_main_process, launch_engine, load_device, main_process_first, prepare_ranks
-from .train_checks import check_against_model, check_output_dir, check_schedule
+from .train_checks import check_against_model, check_offload, check_output_dir, check_schedule, expert_budget_gib
 from .train_options import TrainOptions, make_perft_config, make_sft_config, parse_args
 from .trainer import PerftSFTTrainer
 
@@ -138,6 +138,7 @@ def run(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -
     prepare_ranks(options)  # under accelerate launch: launch checks, the same options on every rank
     perft_config = make_perft_config(options)  # the knobs on their own, before --demo writes anything
     check_schedule(options)
+    check_offload(options)
     set_seed(options.seed)
     with main_process_first():  # rank 0 removes old checkpoints and writes the demo base before others look
         resume = resolve_resume(options, remove=is_main_process())
@@ -145,7 +146,9 @@ def run(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -
             mark_demo_dir(options.output_dir)
         if options.demo_base and is_main_process():
             prepare_demo_base(options.output_dir)  # into options.model
-    check_against_model(options, model_config(options.model, options.revision))
+    base_config = model_config(options.model, options.revision)
+    check_against_model(options, base_config)
+    budget = expert_budget_gib(options, base_config)
     records = read_records(options.data, required=("instruction", "output"), split=options.data_split)
     say(records.report())
     train_set, val_set = split_validation(to_prompt_completion(records, options.template), options.val_size)
@@ -155,7 +158,12 @@ def run(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -
     model, tokenizer = load_model(
         options.model, quantize=options.quantize, device=load_device(options.device), double_quant=options.double_quant,
         revision=options.revision, dtype=getattr(torch, options.base_dtype), experts_shard=expert_shard(),
+        offload_experts=options.offload_experts if options.quantize == "nf4" else "none", expert_budget_gib=budget,
     )
+    if model.expert_stager is not None:
+        placement = model.expert_placement
+        say(f"experts of {len(placement.offloaded)} of {len(placement.moe_layers)} MoE layers in host memory "
+            f"({placement.host_bytes / 2**30:.2f} GiB), streamed through {model.expert_stager}")
     arch = get_arch(model.config)
     too_long, checked = count_truncated(train_set, tokenizer, options.max_length)
     if too_long:

@@ -13,6 +13,7 @@ import os
 
 from ..errors import UsageError
 from ..quant.arch import get_arch
+from ..quant.footprint import other_weight_bytes
 from .train_options import TrainOptions
 
 
@@ -26,6 +27,34 @@ def check_schedule(options: TrainOptions) -> None:
             f"--save-steps {options.save_steps} is not a multiple of --eval-steps {options.eval_steps}: with held-out "
             "rows (--val-size) the best checkpoint is chosen at evaluations; make it a multiple, or pass --val-size 0"
         )
+
+
+def check_offload(options: TrainOptions) -> None:
+    """``--offload-experts`` / ``--gpu-memory-limit``: NF4 experts only, a positive limit, a mode that uses it."""
+    if options.offload_experts != "none" and options.quantize != "nf4" and (
+            options.offload_experts == "all" or options.gpu_memory_limit is not None):
+        raise UsageError("--offload-experts streams NF4 experts: drop it or --quantize none")
+    if options.gpu_memory_limit is not None:
+        if options.gpu_memory_limit <= 0:
+            raise UsageError(f"--gpu-memory-limit must be a positive number of GiB, got {options.gpu_memory_limit}")
+        if options.offload_experts != "auto":
+            raise UsageError(f"--gpu-memory-limit is what --offload-experts auto fits the experts into; drop it or "
+                             f"--offload-experts {options.offload_experts}")
+
+
+def expert_budget_gib(options: TrainOptions, config) -> float | None:
+    """``load_model``'s ``expert_budget_gib``: ``--gpu-memory-limit`` less the weights that are not routed experts
+    (``quant/footprint.py``'s exact count); None without a limit. Refuses a limit below those weights."""
+    if options.gpu_memory_limit is None or options.offload_experts != "auto":
+        return None
+    import torch
+
+    other = other_weight_bytes(config, options.device, getattr(torch, options.base_dtype), options.double_quant)
+    budget = options.gpu_memory_limit - other / 2**30
+    if budget < 0:
+        raise UsageError(f"--gpu-memory-limit {options.gpu_memory_limit:g} GiB is below the {other / 2**30:.2f} GiB of "
+                         "weights that are not routed experts (they stay on the device); raise it")
+    return budget
 
 
 def check_against_model(options: TrainOptions, config) -> None:

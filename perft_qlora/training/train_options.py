@@ -63,6 +63,8 @@ class TrainOptions:
     """This rank's device: ``--device``, else cuda when available, else cpu; under ``accelerate launch`` plain
     ``cuda`` is ``cuda:LOCAL_RANK`` (``distributed.rank_device``)."""
     base_dtype: str
+    offload_experts: str
+    gpu_memory_limit: float | None
     # adapter
     variant: str
     num_experts: int | None
@@ -142,6 +144,13 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="where the model lives: cuda, cuda:1, cpu ... (default: cuda when available, else cpu)")
     g.add_argument("--base-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="unquantized base weights and the NF4 compute dtype (float32: exact CPU parity checks)")
+    g.add_argument("--offload-experts", default="auto", choices=("auto", "none", "all"),
+                   help="routed experts in host memory, streamed to the device a layer ahead: auto = as many MoE layers "
+                        "resident as --gpu-memory-limit allows (all resident without a limit), all = every MoE layer "
+                        "streamed, none = all resident")
+    g.add_argument("--gpu-memory-limit", type=float, default=None, metavar="GIB",
+                   help="GiB the model's weights may take on the device (resident experts and the two staging buffers "
+                        "included); `python -m perft_qlora.plan --gpu-memory <card GiB>` prints the value for a card"),
     g = p.add_argument_group("adapter")
     g.add_argument("--variant", default="perft", choices=VARIANT_CHOICES, help="lora = peft LoRA on attention (baseline)")
     g.add_argument("--num-experts", type=int, default=None, help=f"M PEFT experts (default: {DEFAULT_NUM_EXPERTS} for perft / perft_d)")

@@ -91,6 +91,12 @@ class PerftSFTTrainer(SFTTrainer):
             self.add_callback(TrainingProgress())
 
     # ---- loss -------------------------------------------------------------------------------------
+    def _move_model_to_device(self, model, device):
+        """A model with offloaded experts (``load_model(offload_experts=...)``) is already where it must be: moving
+        it would pull the host-resident experts onto the device."""
+        if getattr(model, "expert_stager", None) is None and getattr(getattr(model, "base_model", None), "expert_stager", None) is None:
+            super()._move_model_to_device(model, device)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         aux = perft_balance_loss(model, inputs.get("attention_mask")) if self.perft_aux_loss_coef else None

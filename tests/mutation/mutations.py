@@ -110,6 +110,11 @@ MUTATIONS: tuple[Mutation, ...] = (
     _one("rank_loads_the_first_ranks_experts", "quant/sharding.py",
          "return self.rank * per_rank, (self.rank + 1) * per_rank", "return 0, per_rank",
          "tests/test_loader.py", "-k", "experts_fsdp_keeps"),
+    # Offloaded experts (issue 26): never computed from a buffer whose copy has not landed, staged again for backward.
+    _one("offload_computes_before_the_copy_lands", "quant/expert_offload.py",
+         "self.copier.wait(self.tickets[slot])", "pass", "tests/test_offload.py", "-k", "lands_late"),
+    _one("offload_backward_uses_the_buffer_forward_left", "quant/expert_offload.py",
+         "self.acquire(ordinal, direction=-1)", "pass", "tests/test_offload.py", "-k", "stages_the_layer_again"),
     _one("expert_scales_counted_as_replicated", "quant/footprint.py",
          'sharded_scales = math.ceil(numel / BLOCKSIZE) if kind == "experts" and double_quant else 0',
          "sharded_scales = 0", "tests/test_plan.py", "-k", "load_model_allocates and olmoe"),
