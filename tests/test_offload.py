@@ -171,6 +171,19 @@ def test_bad_offload_arguments_are_refused_before_loading(four_layer_checkpoint)
         _load(directory, "auto", expert_budget_gib=-1)
 
 
+def test_auto_without_a_budget_loads_a_fsdp_shard_and_a_placement_with_one_is_refused(four_layer_checkpoint):
+    """``--offload-experts auto`` is the default: under FSDP (a shard, no budget) it must keep every expert resident."""
+    from perft_qlora.quant.sharding import ExpertShard
+
+    directory = four_layer_checkpoint("olmoe")
+    shard = ExpertShard(rank=0, world=1, gather=lambda local: local)
+    model, _ = _load(directory, "auto", experts_shard=shard)
+    assert model.expert_stager is None and not model.expert_placement.offloaded
+    for mode, budget in (("all", None), ("auto", 1.0)):
+        with pytest.raises(ValueError, match="not supported under FSDP"):
+            _load(directory, mode, experts_shard=shard, expert_budget_gib=budget)
+
+
 def test_train_with_offloaded_experts_logs_the_same_losses(tmp_path):
     from perft_qlora.training.train import run
     from perft_qlora.training.train_options import parse_args

@@ -114,10 +114,10 @@ def _placement(config, arch: MoEArch, device, dtype, double_quant, quantize, mod
         raise ValueError(f"offload_experts must be 'none', 'all' or 'auto', got {mode!r}")
     if mode != "none" and quantize != "nf4":
         raise ValueError("offload_experts streams NF4 experts; it needs quantize='nf4'")
-    if mode != "none" and shard is not None:
-        raise ValueError("offload_experts is not supported under FSDP (experts_shard); use one or the other")
     if mode == "none" or (mode == "auto" and budget_gib is None) or (explicit and not mode):
-        return ExpertPlacement((), ())
+        return ExpertPlacement((), ())  # everything resident (auto without a budget), which FSDP's shard allows too
+    if shard is not None:
+        raise ValueError("offload_experts is not supported under FSDP (experts_shard); use one or the other")
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layer_bytes = expert_layer_bytes(meta, double_quant)
