@@ -7,17 +7,12 @@ an error. Sources: a local ``.json`` (a list of objects) or ``.jsonl`` file (row
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
-from ..errors import PerftQloraError
+from .sources import DataError, Unparsable, read_hub, read_json_file
 
 FIELDS = ("instruction", "input", "output", "answer")
-
-
-class DataError(PerftQloraError):
-    """A data source that cannot be used at all (missing, unreadable, or without one valid row)."""
 
 
 @dataclass
@@ -57,46 +52,6 @@ def validate_row(row, required: tuple[str, ...]) -> tuple[dict[str, str] | None,
     return clean, None
 
 
-def _read_local(path: str) -> list[tuple[int, object]]:
-    """``(row number, parsed row)`` pairs; for .jsonl the number is the line number, blank lines skipped."""
-    with open(path, encoding="utf-8") as handle:
-        if path.endswith(".jsonl"):
-            rows = []
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        rows.append((number, json.loads(line)))
-                    except json.JSONDecodeError as error:
-                        rows.append((number, _Unparsable(f"not valid JSON ({error.msg})")))
-            return rows
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path} is not valid JSON ({error}); expected a list of objects or a .jsonl file") from error
-    if not isinstance(data, list):
-        raise DataError(f"{path} holds a JSON {type(data).__name__}; expected a list of objects (LLM-Adapters format)")
-    return list(enumerate(data, 1))
-
-
-class _Unparsable:
-    """A .jsonl line that did not parse; kept so that it is reported with its line number."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-
-def _read_hub(name: str, split: str) -> list:
-    from datasets import load_dataset
-
-    try:
-        return list(enumerate(load_dataset(name, split=split), 1))
-    except Exception as error:  # datasets raises many types for a missing/unreachable name
-        raise DataError(
-            f"could not load {name!r} (split {split!r}) with datasets: {error}. "
-            "Pass a local .json/.jsonl file, or check the name and your network."
-        ) from error
-
-
 def read_records(source: str, required: tuple[str, ...] = ("instruction", "output"), split: str = "train") -> RecordSet:
     """Read and validate LLM-Adapters rows from a local file or a ``datasets`` hub name."""
     if os.path.isdir(source):
@@ -104,14 +59,14 @@ def read_records(source: str, required: tuple[str, ...] = ("instruction", "outpu
     if os.path.exists(source):
         if not source.endswith((".json", ".jsonl")):
             raise DataError(f"{source}: unsupported file type; use .json (a list of objects) or .jsonl")
-        raw = _read_local(source)
+        raw = read_json_file(source)
     elif source.endswith((".json", ".jsonl")) or source.startswith((".", "/", "~")):
         raise DataError(f"data file {source} does not exist")
     else:
-        raw = _read_hub(source, split)
+        raw = read_hub(source, split)
     records = RecordSet(source=source, rows=[])
     for number, row in raw:
-        if isinstance(row, _Unparsable):
+        if isinstance(row, Unparsable):
             records.skipped.append((number, row.reason))
             continue
         clean, reason = validate_row(row, required)
