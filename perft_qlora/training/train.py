@@ -28,7 +28,6 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..cli import error_path
 from ..errors import UsageError
-from ..formats.records import read_records
 from ..method.config import PerftConfig
 from ..method.model import attach_perft, parameter_report
 from ..quant.arch import get_arch
@@ -38,8 +37,11 @@ from ..quant.model_config import model_config
 from ..quant.sharding import shardable_storage
 from .backends import get_backend
 from .baseline import attach_lora_baseline
-from .data import count_truncated, split_validation, to_prompt_completion
+from .data import count_truncated, prepare_data, split_validation
 from .demo import prepare_demo_base, run_demo
+from .demo_base import demo_base_dir
+from .guard_rails import cpu_threads, mask_warning, schedule_warning
+from .loss_mask import marked_example, token_labels
 from .distributed import expert_shard, is_main_process, launch_engine, load_device, main_process_first, prepare_ranks
 from .train_checks import check_against_model, check_offload, check_output_dir, check_schedule, expert_budget_gib
 from .train_options import TrainOptions, make_perft_config, make_sft_config, parse_args
@@ -149,13 +151,19 @@ def run(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -
     base_config = model_config(options.model, options.revision)
     check_against_model(options, base_config)
     budget = expert_budget_gib(options, base_config)
-    records = read_records(options.data, required=("instruction", "output"), split=options.data_split)
-    say(records.report())
-    train_set, val_set = split_validation(to_prompt_completion(records, options.template), options.val_size)
+    use_cpu_threads(options, base_config)
+    prepared = prepare_data(options, options.model, say)
+    data, tokenizer = prepared.data, prepared.tokenizer
+    train_set, val_set = split_validation(data.dataset, options.val_size)
+    learning_rate = options.learning_rate if options.learning_rate is not None else get_arch(base_config).recipe_learning_rate
+    for warning in (schedule_warning(options, len(train_set), learning_rate),
+                    mask_warning(prepared.lengths.trained_tokens, prepared.lengths.tokens, prepared.lengths.kept)):
+        if warning:
+            say(warning)
     if resume is not None:
         say(f"resuming from {resume}")
 
-    model, tokenizer = load_model(
+    model, _ = load_model(
         options.model, quantize=options.quantize, device=load_device(options.device), double_quant=options.double_quant,
         revision=options.revision, dtype=getattr(torch, options.base_dtype), experts_shard=expert_shard(),
         offload_experts=options.offload_experts if options.quantize == "nf4" else "none", expert_budget_gib=budget,
@@ -165,7 +173,8 @@ def run(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -
         say(f"experts of {len(placement.offloaded)} of {len(placement.moe_layers)} MoE layers in host memory "
             f"({placement.host_bytes / 2**30:.2f} GiB), streamed through {model.expert_stager}")
     arch = get_arch(model.config)
-    too_long, checked = count_truncated(train_set, tokenizer, options.max_length)
+    too_long, checked = (count_truncated(train_set, tokenizer, options.max_length) if data.shape == "prompt-completion"
+                         else (prepared.lengths.too_long, prepared.lengths.kept))
     if too_long:
         say(f"warning: {too_long} of {checked} examples checked are longer than --max-length {options.max_length} "
               "tokens and lose the end of their response; raise --max-length")
@@ -177,10 +186,10 @@ def run(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -
 
     run_metadata = {
         "base_model": options.model, "data": options.data, "variant": options.variant, "seed": options.seed,
-        "template": options.template,
+        "template": options.template, "data_format": data.format, "loss_on": data.loss,
     }
     trainer = PerftSFTTrainer(
-        model, args=make_sft_config(options, arch, val_set is not None), train_dataset=train_set,
+        model, args=make_sft_config(options, arch, val_set is not None, data.loss), train_dataset=train_set,
         eval_dataset=val_set, processing_class=tokenizer, callbacks=callbacks, run_metadata=run_metadata,
     )
     backend.apply(trainer.model)
@@ -192,6 +201,29 @@ def run(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -
     return trainer
 
 
+def use_cpu_threads(options: TrainOptions, config) -> None:
+    """On a CPU, ``--cpu-threads`` or the count ``guard_rails.cpu_threads`` picks for the model's width, said once."""
+    if options.device.startswith("cuda"):
+        return
+    threads, line = cpu_threads(options.cpu_threads, config.get_text_config().hidden_size)
+    torch.set_num_threads(threads)
+    if line:
+        say(line)
+
+
+def show_example(options: TrainOptions) -> str:
+    """``--show-example N``: the Nth usable example as the trainer will see it, trained tokens in ``[[...]]``."""
+    prepared = prepare_data(options, demo_base_dir() if options.demo_base else options.model, say)
+    data, number = prepared.data, options.show_example
+    if not 1 <= number <= len(data.dataset):
+        raise UsageError(f"--show-example {number}: the data has {len(data.dataset)} usable rows; pass 1 to "
+                         f"{len(data.dataset)}")
+    ids, labels = token_labels(data.dataset[number - 1], prepared.tokenizer, data.loss, prepared.chat_template)
+    source, row = data.origins[number - 1]
+    return (f"{source} row {row} ({data.format} rows, loss on {data.loss}):\n"
+            + marked_example(ids, labels, prepared.tokenizer, options.max_length))
+
+
 def main(argv: list[str] | None = None) -> None:
     """The command line: bad input ends as one ``error:`` line and exit status 1 (``cli.error_path``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -201,7 +233,9 @@ def main(argv: list[str] | None = None) -> None:
         from datasets.utils.logging import disable_progress_bar
 
         disable_progress_bar()  # SFTTrainer's five per-split preprocessing bars; the training bar stays
-        if options.demo:
+        if options.show_example is not None:
+            print(show_example(options))
+        elif options.demo:
             run_demo(options, run)  # trains, then prints the before/after table and the next commands
         else:
             run(options)

@@ -19,10 +19,12 @@ from dataclasses import dataclass
 from ..cli import HelpFormatter, add_debug_option
 from ..errors import UsageError
 from ..formats.demo_data import demo_data_path
+from ..formats.detect import FORMATS
 from ..method.config import DEFAULT_NUM_EXPERTS, DEFAULT_TOP_K, PerftConfig, default_shape
 from .distributed import per_rank_batch_size, rank_device
 
 VARIANT_CHOICES = ("perft", "perft_e", "perft_d", "perft_s", "lora")
+LOSS_CHOICES = ("auto", "all", "completion", "assistant")
 
 # What `--demo` changes: the shipped small base (perft_qlora/training/demo_base.py) and its demo task; a small adapter
 # learns the new mapping in a few dozen steps with a large learning rate, and with the loss on the responses
@@ -82,11 +84,16 @@ class TrainOptions:
     adapter_dtype: str
     # data
     data: str
+    data_format: str
+    data_fields: str | None
     data_split: str
+    data_config: str | None
     val_size: int
     max_length: int
     template: str
     completion_only_loss: bool
+    loss_on: str
+    show_example: int | None
     # training
     output_dir: str
     epochs: float
@@ -110,6 +117,7 @@ class TrainOptions:
     offload_activations: bool
     report_to: tuple[str, ...]
     backend: str
+    cpu_threads: int | None
     resume: str | None
     overwrite: bool
     debug: bool
@@ -167,14 +175,28 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="adapter weights; float32 master weights (compute follows the model) keep small updates")
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="LLM-Adapters rows: a .json/.jsonl file or a datasets hub name (required unless --demo)")
+    g.add_argument("--data", help="training rows: .json/.jsonl/.parquet/.csv files or datasets hub names, several "
+                                  "separated by commas (required unless --demo)")
+    g.add_argument("--data-format", default="auto", choices=FORMATS,
+                   help="the rows' format: llm-adapters (instruction/input/output), messages (role/content turns), "
+                        "prompt-completion (strings or message lists), text, sharegpt (conversations of from/value); "
+                        "auto = the format most rows are in")
+    g.add_argument("--data-fields", default=None, metavar="FIELD=COLUMN,...",
+                   help="read our fields from your columns, e.g. prompt=question,completion=answer")
     g.add_argument("--data-split", default="train", help="split of a hub data set")
+    g.add_argument("--data-config", default=None, help="config (subset) of a hub data set")
     g.add_argument("--val-size", type=int, default=120, help="rows held out (seed 42) for eval + best checkpoint; 0 = none")
     g.add_argument("--max-length", type=int, default=256, help="tokens per example (truncated; EOS appended)")
     g.add_argument("--template", default="released", choices=("released", "alpaca"),
                    help="prompt template: released = the authors' exact bytes, alpaca = the clean text (recorded in the adapter)")
     g.add_argument("--completion-only-loss", default=False, action=argparse.BooleanOptionalAction,
-                   help="loss on the response only (recipe: whole sequence; --demo: on)")
+                   help="LLM-Adapters rows: loss on the response only (recipe: whole sequence; --demo: on)")
+    g.add_argument("--loss-on", default="auto", choices=LOSS_CHOICES,
+                   help="tokens the loss is on: auto = assistant turns of conversations, the completion of "
+                        "prompt/completion rows, everything of text rows (LLM-Adapters rows: --completion-only-loss)")
+    g.add_argument("--show-example", type=int, default=None, metavar="N",
+                   help="print training example N (1 = the first usable row) with the trained tokens in [[...]], "
+                        "then exit without training")
     g = p.add_argument_group("training")
     g.add_argument("--output-dir", default="perft-out", help="checkpoints, logs and the final adapter (<dir>/adapter)")
     g.add_argument("--epochs", type=float, default=3.0, help="training epochs")
@@ -196,6 +218,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient-checkpointing", default=True, action=argparse.BooleanOptionalAction, help="recompute layers in backward")
     g.add_argument("--offload-activations", action="store_true", help="keep checkpointed activations in pinned CPU memory")
     g.add_argument("--report-to", type=_str_list, default=["none"], help="Trainer integrations, e.g. tensorboard,wandb (default: none)")
+    g.add_argument("--cpu-threads", type=int, default=None,
+                   help="threads on a CPU (default: one per 256 hidden units, 1 for the demo's model)")
     g.add_argument("--backend", default="default", choices=("default", "unsloth"), help="unsloth: CUDA + Unsloth installed")
     g.add_argument("--resume", nargs="?", const="last", default=None, help="continue from the last checkpoint in --output-dir, or from the checkpoint directory given (default: start a new run)")
     g.add_argument("--overwrite", action="store_true",
@@ -288,13 +312,15 @@ def make_perft_config(options: TrainOptions) -> PerftConfig | None:
         raise UsageError(f"{text}; fix the option (see --help)") from error
 
 
-def make_sft_config(options: TrainOptions, arch, has_validation: bool):
-    """TRL ``SFTConfig`` for these options; ``arch`` (a ``MoEArch``) supplies the recipe's values."""
+def make_sft_config(options: TrainOptions, arch, has_validation: bool, loss: str | None = None):
+    """TRL ``SFTConfig`` for these options; ``arch`` (a ``MoEArch``) supplies the recipe's values; ``loss`` (``all``,
+    ``completion``, ``assistant``: ``loss_mask.resolve_loss``) replaces ``--completion-only-loss``."""
     from trl import SFTConfig
 
     on_cpu = not options.device.startswith("cuda")
     learning_rate = options.learning_rate if options.learning_rate is not None else arch.recipe_learning_rate
     base_coef = options.base_aux_loss_coef if options.base_aux_loss_coef is not None else arch.base_aux_loss_coef
+    completion_only = options.completion_only_loss if loss is None else loss == "completion"
     return SFTConfig(
         output_dir=options.output_dir, num_train_epochs=options.epochs, max_steps=options.max_steps,
         learning_rate=learning_rate, per_device_train_batch_size=options.batch_size,
@@ -307,7 +333,8 @@ def make_sft_config(options: TrainOptions, arch, has_validation: bool):
         load_best_model_at_end=has_validation, metric_for_best_model="eval_loss", greater_is_better=False,
         activation_checkpointing=options.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False, "offload": options.offload_activations},
-        max_length=options.max_length, completion_only_loss=options.completion_only_loss, packing=False,
+        max_length=options.max_length, completion_only_loss=completion_only, assistant_only_loss=loss == "assistant",
+        packing=False,
         router_aux_loss_coef=base_coef,
         use_cpu=on_cpu, bf16=not on_cpu, dataloader_pin_memory=not on_cpu,
         # Top-K routing leaves some PEFT experts without tokens in a micro-batch; DDP must tolerate that.
