@@ -217,6 +217,26 @@ def test_show_example_marks_every_assistant_turn_and_exits(chat_base, tmp_path, 
     data = write(tmp_path / "m.jsonl", [{"messages": TURNS[1:3]}, {"messages": TURNS}])
     main(["--model", directory, "--data", data, "--output-dir", str(tmp_path / "o"), "--show-example", "2"])
     out = capsys.readouterr().out
-    assert f"m.jsonl row 2 (messages rows, loss on assistant):\n<|im_start|>system\nBe brief." in out
+    assert "m.jsonl row 2 (messages rows, loss on assistant):\n<|im_start|>system\nBe brief." in out
     assert f"[[yes it is{EOS}\n]]" in out and f"[[no{EOS}\n]]" in out and out.split("\n---")[0].count("[[") == 2
     assert not (tmp_path / "o").exists()  # nothing trained, nothing written
+
+
+def test_a_conversation_file_trains_with_the_short_run_warnings_said_first(chat_base, tmp_path, capsys):
+    """A user's own run: the warm-up and loss-mask warnings and the thread count come before training; the adapter
+    records the format and the loss."""
+    directory, _, _ = chat_base
+    long_system = {"role": "system", "content": "You answer questions about texts, briefly and exactly. " * 3}
+    rows = [{"messages": [long_system, {"role": "user", "content": f"Is {i} even?"},
+                          {"role": "assistant", "content": "y" if i % 2 == 0 else "n"}]} for i in range(8)]
+    out = tmp_path / "run"
+    main(["--model", directory, "--data", write(tmp_path / "m.jsonl", rows), "--output-dir", str(out), "--device", "cpu",
+          "--max-steps", "2", "--val-size", "0", "--batch-size", "4", "--logging-steps", "1", "--save-steps", "100"])
+    err = capsys.readouterr().err
+    assert "m.jsonl: 8 rows used, 0 skipped" in err and "cpu: 1 thread for this 128-wide model" in err
+    assert "warning: --warmup-steps 100 is longer than the run (2 steps)" in err
+    assert "warning: the loss is on " in err and "% of the tokens (24 of " in err  # "y", EOS, newline per row
+    assert err.index("warning: the loss") < err.index("adapter saved to")
+    with open(out / "adapter" / "perft_config.json") as handle:
+        training = json.load(handle)["extra"]["training"]
+    assert (training["data_format"], training["loss_on"]) == ("messages", "assistant")

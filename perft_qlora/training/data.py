@@ -111,7 +111,8 @@ def load_training_data(data: str, data_format: str = "auto", data_fields: str | 
                             "sources trained together must share a format (convert one, or train them apart)")
     shape = "prompt-completion" if first.format == "llm-adapters" else first.shape
     loss = resolve_loss(shape, loss_on, completion_only_loss, llm_adapters=first.format == "llm-adapters")
-    dataset = concatenate_datasets([_dataset(s, template) for s in sets]) if len(sets) > 1 else _dataset(first, template)
+    parts = [_dataset(examples, template) for examples in sets]
+    dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     numbers = [(s.source, n) for s in sets for n in s.numbers]
     return TrainingData(dataset, first.format, shape, loss, numbers, [s.report() for s in sets])
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 
+from ..errors import UsageError
 from .distributed import world_size
 from .train_options import TrainOptions
 
@@ -55,6 +56,8 @@ def cpu_threads(requested: int | None, hidden_size: int) -> tuple[int, str | Non
     """``(threads, line)``: ``requested`` (``--cpu-threads``), or one per ``WIDTH_PER_THREAD`` hidden units up to
     the cores there are, with a line saying so."""
     if requested is not None:
+        if requested < 1:
+            raise UsageError(f"--cpu-threads must be >= 1, got {requested}")
         return requested, None
     threads = max(1, min(os.cpu_count() or 1, hidden_size // WIDTH_PER_THREAD))
     return threads, (f"cpu: {threads} thread{'s' if threads > 1 else ''} for this {hidden_size}-wide model "

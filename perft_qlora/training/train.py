@@ -40,9 +40,9 @@ from .baseline import attach_lora_baseline
 from .data import count_truncated, prepare_data, split_validation
 from .demo import prepare_demo_base, run_demo
 from .demo_base import demo_base_dir
+from .distributed import expert_shard, is_main_process, launch_engine, load_device, main_process_first, prepare_ranks
 from .guard_rails import cpu_threads, mask_warning, schedule_warning
 from .loss_mask import marked_example, token_labels
-from .distributed import expert_shard, is_main_process, launch_engine, load_device, main_process_first, prepare_ranks
 from .train_checks import check_against_model, check_offload, check_output_dir, check_schedule, expert_budget_gib
 from .train_options import TrainOptions, make_perft_config, make_sft_config, parse_args
 from .trainer import PerftSFTTrainer
@@ -155,7 +155,9 @@ def run(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -
     prepared = prepare_data(options, options.model, say)
     data, tokenizer = prepared.data, prepared.tokenizer
     train_set, val_set = split_validation(data.dataset, options.val_size)
-    learning_rate = options.learning_rate if options.learning_rate is not None else get_arch(base_config).recipe_learning_rate
+    learning_rate = options.learning_rate
+    if learning_rate is None:
+        learning_rate = get_arch(base_config).recipe_learning_rate
     for warning in (schedule_warning(options, len(train_set), learning_rate),
                     mask_warning(prepared.lengths.trained_tokens, prepared.lengths.tokens, prepared.lengths.kept)):
         if warning:
