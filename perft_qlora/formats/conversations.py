@@ -100,10 +100,7 @@ class ExampleSet(RecordSet):
         return example_shape(self.rows[0])
 
 
-def _wrong_format(row, data_format: str) -> str:
-    found = row_format(row)
-    if found is not None:
-        return f"a {found} row in a {data_format} source (one source, one format)"
+def _missing(row, data_format: str) -> str:
     if not isinstance(row, dict):
         return f"expected an object, got {type(row).__name__}"
     missing = [name for name in FORMAT_FIELDS[data_format] if row.get(name) is None]
@@ -120,10 +117,12 @@ def read_examples(source: str, data_format: str = "auto", fields: dict[str, str]
     for number, row in raw:
         if isinstance(row, Unparsable):
             example, reason = None, row.reason
-        elif _also_fits(row, chosen) or (chosen == "llm-adapters" and row_format(row) is None):
+        elif row_format(row, chosen) not in (chosen, None):
+            example, reason = None, f"a {row_format(row)} row in a {chosen} source (one source, one format)"
+        elif chosen == "llm-adapters" or _has_fields(row, chosen):
             example, reason = to_example(row, chosen)  # LLM-Adapters rows: records.py's checks and reasons
         else:
-            example, reason = None, _wrong_format(row, chosen)
+            example, reason = None, _missing(row, chosen)
         if reason is None:
             examples.rows.append(example)
             examples.numbers.append(number)
@@ -136,8 +135,8 @@ def read_examples(source: str, data_format: str = "auto", fields: dict[str, str]
     return examples
 
 
-def _also_fits(row, data_format: str) -> bool:
-    """Whether ``row`` has ``data_format``'s fields though another format comes first (an explicit format)."""
+def _has_fields(row, data_format: str) -> bool:
+    """Whether ``row`` has every field of ``data_format``, none of them null."""
     return isinstance(row, dict) and all(row.get(name) is not None for name in FORMAT_FIELDS[data_format])
 
 

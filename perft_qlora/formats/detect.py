@@ -57,12 +57,13 @@ def rename(row, fields: dict[str, str]):
     return renamed
 
 
-def row_format(row) -> str | None:
-    """The first format whose fields ``row`` has (``FORMAT_FIELDS`` order), or None."""
+def row_format(row, prefer: str | None = None) -> str | None:
+    """The format ``row`` leans to: ``prefer`` when the row has one of its fields, else the first format
+    (``FORMAT_FIELDS`` order) with one of its fields present (``input`` counts for LLM-Adapters); None for none."""
     if not isinstance(row, dict):
         return None
-    for name, needed in FORMAT_FIELDS.items():
-        if all(row.get(field) is not None for field in needed):
+    for name in ([prefer] if prefer in FORMAT_FIELDS else []) + list(FORMAT_FIELDS):
+        if any(field in row for field in FORMAT_FIELDS[name] + (("input",) if name == "llm-adapters" else ())):
             return name
     return None
 
