@@ -144,6 +144,8 @@ def test_bad_rows_are_listed_by_number_and_skipped(tmp_path):
                                          {"prompt": TURNS[:2], "completion": TURNS[2:3]}])
     assert read_examples(mixed).skipped == [
         (3, "conversational prompt-completion row among prompt-completion rows (one source, one format)")]
+    half = write(tmp_path / "h.json", [{"prompt": "a", "completion": "b"}, {"prompt": "c"}])
+    assert read_examples(half).skipped == [(2, "missing 'completion' (prompt-completion format)")]
     with pytest.raises(DataError, match=r"no usable rows in .* \(read as text rows"):
         read_examples(write(tmp_path / "e.json", [{"text": ""}, {"text": 3}]))
 
