@@ -112,7 +112,9 @@ def read_examples(source: str, data_format: str = "auto", fields: dict[str, str]
     """A source's rows (``sources.read_source``), renamed by ``fields`` (``detect.parse_fields``), validated."""
     raw = [(number, rename(row, fields or {})) for number, row in read_source(source, split, config)]
     parsed = [row for _, row in raw if not isinstance(row, Unparsable)]
-    chosen = detect_format(source, parsed) if data_format == "auto" else data_format
+    chosen = data_format
+    if data_format == "auto":  # no row parsed: every line is listed as not JSON under the default format
+        chosen = detect_format(source, parsed) if parsed else "llm-adapters"
     examples = ExampleSet(source=source, rows=[], format=chosen)
     for number, row in raw:
         if isinstance(row, Unparsable):

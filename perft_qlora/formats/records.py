@@ -2,7 +2,9 @@
 
 Used for training data (``output`` required) and test sets (``answer`` required). A row that does not
 fit is skipped and reported with its row number (1-based, in file order); a source with no usable row is
-an error. Sources: a local ``.json`` (a list of objects) or ``.jsonl`` file (rows numbered by line), or a ``datasets`` hub name.
+an error. Sources: a local ``.json`` (a list of objects) or ``.jsonl`` file (rows numbered by line), or a ``datasets`` hub name
+(read by ``sources.py``). Training reads every format through ``conversations.read_examples``, which keeps these checks
+for LLM-Adapters rows.
 """
 
 from __future__ import annotations
