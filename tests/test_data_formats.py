@@ -232,7 +232,8 @@ def test_a_conversation_file_trains_with_the_short_run_warnings_said_first(chat_
     rows = [{"messages": [long_system, {"role": "user", "content": f"Is {i} even?"},
                           {"role": "assistant", "content": "y" if i % 2 == 0 else "n"}]} for i in range(8)]
     out = tmp_path / "run"
-    main(["--model", directory, "--data", write(tmp_path / "m.jsonl", rows), "--output-dir", str(out), "--device", "cpu",
+    data = write(tmp_path / "m.jsonl", rows)
+    main(["--model", directory, "--data", data, "--output-dir", str(out), "--device", "cpu",
           "--max-steps", "2", "--val-size", "0", "--batch-size", "4", "--logging-steps", "1", "--save-steps", "100"])
     err = capsys.readouterr().err
     assert "m.jsonl: 8 rows used, 0 skipped" in err and "cpu: 1 thread for this 128-wide model" in err

@@ -3,7 +3,7 @@
     python -m perft_qlora.train --demo                       # shipped small base + demo task, CPU, < 3 minutes
     python -m perft_qlora.train --model allenai/OLMoE-1B-7B-0924 --data commonsense_170k.json \\
         --variant perft --num-experts 4 --top-k 2 --bottleneck 16 --output-dir runs/olmoe-perft
-    python -m perft_qlora.train --model M --data chats.jsonl --show-example 1   # any format; the trained tokens in [[...]]
+    python -m perft_qlora.train --model M --data chats.jsonl --show-example 1  # any format, trained tokens in [[...]]
     python -m perft_qlora.train --config run.yaml --learning-rate 2e-5   # the command line overrides the file
     python -m perft_qlora.train --config run.yaml --resume              # continue from the last checkpoint
     accelerate launch --config_file examples/accelerate/ddp.yaml -m perft_qlora.train --config run.yaml  # data parallel
