@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datasets import Dataset
 
+from ..formats.chat_templates import user_message
 from ..formats.prompts import DEFAULT_TEMPLATE, RESPONSE_MARKER, get_template
 from ..formats.records import DataError, RecordSet
 
@@ -32,6 +33,14 @@ def to_prompt_completion(records: RecordSet, template: str = DEFAULT_TEMPLATE) -
     return Dataset.from_dict({"prompt": prompts, "completion": completions})
 
 
+def to_chat_prompt_completion(records: RecordSet) -> Dataset:
+    """One conversational ``{"prompt": [user turn], "completion": [assistant turn]}`` example per row, for
+    ``--chat-template``: TRL renders both with the tokenizer's chat template (the turn's end token included)."""
+    prompts = [[{"role": "user", "content": user_message(row["instruction"], row["input"])}] for row in records.rows]
+    completions = [[{"role": "assistant", "content": row["output"]}] for row in records.rows]
+    return Dataset.from_list([{"prompt": p, "completion": c} for p, c in zip(prompts, completions)])
+
+
 def count_truncated(dataset: Dataset, tokenizer, max_length: int, sample: int = 2000) -> tuple[int, int]:
     """``(too_long, checked)``: how many of the first ``sample`` examples exceed ``max_length`` tokens (with EOS).
 
@@ -39,9 +48,10 @@ def count_truncated(dataset: Dataset, tokenizer, max_length: int, sample: int = 
     """
     checked = dataset.select(range(min(sample, len(dataset))))
     lengths = [
-        len(tokenizer(prompt + completion, add_special_tokens=False).input_ids) + 1
+        len(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"])
+        if isinstance(prompt, list) else len(tokenizer(prompt + completion, add_special_tokens=False).input_ids) + 1
         for prompt, completion in zip(checked["prompt"], checked["completion"])
-    ]
+    ]  # a conversation (--chat-template) carries its own end-of-turn token
     return sum(length > max_length for length in lengths), len(lengths)
 
 

@@ -28,17 +28,18 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..cli import error_path
 from ..errors import UsageError
+from ..formats.chat_templates import read_chat_template, resolve_chat_template
 from ..formats.records import read_records
 from ..method.config import PerftConfig
 from ..method.model import attach_perft, parameter_report
 from ..quant.arch import get_arch
-from ..quant.loader import load_model
+from ..quant.loader import load_model, load_tokenizer
 from ..quant.memory import memory_report
 from ..quant.model_config import model_config
 from ..quant.sharding import shardable_storage
 from .backends import get_backend
 from .baseline import attach_lora_baseline
-from .data import count_truncated, split_validation, to_prompt_completion
+from .data import count_truncated, split_validation, to_chat_prompt_completion, to_prompt_completion
 from .demo import prepare_demo_base, run_demo
 from .distributed import expert_shard, is_main_process, launch_engine, load_device, main_process_first, prepare_ranks
 from .train_checks import check_against_model, check_offload, check_output_dir, check_schedule, expert_budget_gib
@@ -139,6 +140,8 @@ def run(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -
     perft_config = make_perft_config(options)  # the knobs on their own, before --demo writes anything
     check_schedule(options)
     check_offload(options)
+    if options.chat_template is not None:
+        read_chat_template(options.chat_template)  # a missing file or bad Jinja fails before anything is written
     set_seed(options.seed)
     with main_process_first():  # rank 0 removes old checkpoints and writes the demo base before others look
         resume = resolve_resume(options, remove=is_main_process())
@@ -149,9 +152,12 @@ def run(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -
     base_config = model_config(options.model, options.revision)
     check_against_model(options, base_config)
     budget = expert_budget_gib(options, base_config)
+    chat = None if options.chat_template is None else resolve_chat_template(options.chat_template,
+                                                                            load_tokenizer(options.model))
     records = read_records(options.data, required=("instruction", "output"), split=options.data_split)
     say(records.report())
-    train_set, val_set = split_validation(to_prompt_completion(records, options.template), options.val_size)
+    examples = to_prompt_completion(records, options.template) if chat is None else to_chat_prompt_completion(records)
+    train_set, val_set = split_validation(examples, options.val_size)
     if resume is not None:
         say(f"resuming from {resume}")
 
@@ -164,6 +170,9 @@ def run(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -
         placement = model.expert_placement
         say(f"experts of {len(placement.offloaded)} of {len(placement.moe_layers)} MoE layers in host memory "
             f"({placement.host_bytes / 2**30:.2f} GiB), streamed through {model.expert_stager}")
+    if chat is not None:  # TRL renders the conversations with it; evaluate, the app and Generator read the record
+        tokenizer.chat_template = chat.source
+        say(f"chat template {chat.name}: turns end with {chat.end_of_turn!r}")
     arch = get_arch(model.config)
     too_long, checked = count_truncated(train_set, tokenizer, options.max_length)
     if too_long:
@@ -178,6 +187,7 @@ def run(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -
     run_metadata = {
         "base_model": options.model, "data": options.data, "variant": options.variant, "seed": options.seed,
         "template": options.template,
+        **({"chat_template": chat.to_record()} if chat is not None else {}),
     }
     trainer = PerftSFTTrainer(
         model, args=make_sft_config(options, arch, val_set is not None), train_dataset=train_set,

@@ -86,6 +86,7 @@ class TrainOptions:
     val_size: int
     max_length: int
     template: str
+    chat_template: str | None
     completion_only_loss: bool
     # training
     output_dir: str
@@ -173,6 +174,10 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-length", type=int, default=256, help="tokens per example (truncated; EOS appended)")
     g.add_argument("--template", default="released", choices=("released", "alpaca"),
                    help="prompt template: released = the authors' exact bytes, alpaca = the clean text (recorded in the adapter)")
+    g.add_argument("--chat-template", default=None, metavar="chatml|alpaca|FILE",
+                   help="render rows as a conversation through this chat template (a name or a Jinja file) and set it "
+                        "on the tokenizer, for bases that have none; recorded in the adapter. Its end-of-turn is a token "
+                        "the tokenizer already has (chatml: <|im_end|>, else the EOS token)")
     g.add_argument("--completion-only-loss", default=False, action=argparse.BooleanOptionalAction,
                    help="loss on the response only (recipe: whole sequence; --demo: on)")
     g = p.add_argument_group("training")
