@@ -78,7 +78,7 @@ def test_a_jinja_file_is_used_and_bad_ones_refused(byte_tokenizer, tmp_path):
     plain_end = tmp_path / "plain.jinja"
     plain_end.write_text("{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}")
     for spec, message in [(str(tmp_path / "missing.jinja"), "no such file"), (str(broken), "does not render"),
-                          (str(plain_end), "not with a special token"), ("chatmll", "no such file")]:
+                          (str(plain_end), "not with a special token"), ("chatmll", "no such file or named template")]:
         with pytest.raises(ChatTemplateError, match=message):
             resolve_chat_template(spec, byte_tokenizer)
 
@@ -168,7 +168,7 @@ def test_evaluate_and_the_app_prompt_an_adapter_through_its_chat_template(chat_r
     from perft_qlora.evaluation.evaluate import main as evaluate
     from perft_qlora.serving.chat import ChatModel
 
-    out, trainer = chat_run
+    out, _ = chat_run
     data = tmp_path / "mine.jsonl"
     data.write_text("".join(json.dumps({"instruction": "Is it lower case? Answer format: true/false", "input": t,
                                         "answer": a}) + "\n" for t, a in [("abc", "true"), ("ABC", "false")]))

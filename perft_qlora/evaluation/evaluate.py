@@ -34,10 +34,10 @@ from ..method.checkpoint import (
 )
 from ..quant.loader import load_model
 from ..quant.model_config import is_local_path, model_config
+from .own_data import MATCHES, own_test_set, parse_match
 from .predictions import PredictionsError, PredictionStore
 from .protocol import PROTOCOLS, Protocol
 from .summary import Summary, previous_summary, resume_conflicts
-from .own_data import MATCHES, own_test_set, parse_match
 from .task_runner import run_task
 from .tasks import TaskError, TestSet, load_test_set, resolve_tasks
 
@@ -156,10 +156,7 @@ def _key_value(item: str, flag: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not key or not value:
         raise TaskError(f"{flag} expects TASK=SOURCE, got {item!r}")
-    try:
-        return resolve_tasks(key)[0].name, value
-    except TaskError as error:
-        raise TaskError(f"{error}; for a test set of your own pass --data {key}={value}") from error
+    return resolve_tasks(key)[0].name, value
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -185,7 +182,8 @@ def _evaluate(args, plan: Plan) -> dict:
         for label, adapter_dir in models:
             adapted = model if adapter_dir is None else attach_saved_adapter(model, adapter_dir)
             chat = plan.chats.get(label)
-            protocol = plan.protocol.with_chat(chat, tokenizer) if chat else plan.protocol.with_template(plan.templates[label])
+            protocol = (plan.protocol.with_chat(chat, tokenizer) if chat is not None
+                        else plan.protocol.with_template(plan.templates[label]))
             for test_set in plan.test_sets:
                 result = run_task(adapted, tokenizer, label, test_set, protocol, store,
                                   batch_size=args.batch_size, limit=args.limit)

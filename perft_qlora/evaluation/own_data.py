@@ -118,7 +118,8 @@ def split_data_spec(value: str) -> tuple[str, str]:
     if not name or not source:
         raise TaskError(f"--data takes NAME=FILE or FILE, got {value!r}")
     if name in TASKS:
-        raise TaskError(f"--data {value}: {name!r} is one of the built-in tasks; name the test set: --data NAME={source}")
+        raise TaskError(f"--data {value}: {name!r} is one of the built-in tasks; name the test set: "
+                        f"--data NAME={source}")
     return name, source
 
 

@@ -49,7 +49,7 @@ class Protocol:
         return self.families[family]
 
     def prompt(self, family: str, row: dict[str, str]) -> str:
-        """The evaluation prompt of ``self.template`` (or ``self.chat``) for ``row`` with the family's response prefix."""
+        """The evaluation prompt of ``self.template`` (or ``self.chat``) for ``row``, then the family's prefix."""
         prefix = self.families[family].response_prefix
         if self.chat is not None:
             return instruction_prompt(self.tokenizer, self.chat, row["instruction"], row.get("input", "")) + prefix

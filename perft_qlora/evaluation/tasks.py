@@ -164,7 +164,8 @@ def resolve_tasks(spec: str | list[str]) -> list[Task]:
             unknown.append(part)
     if unknown:
         raise TaskError(
-            f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)} or the groups {', '.join(GROUPS)}"
+            f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)} or the groups {', '.join(GROUPS)}; "
+            "for a test set of your own: --data NAME=FILE"
         )
     if not names:
         raise TaskError(f"no task given; choose from {', '.join(TASKS)} or the groups {', '.join(GROUPS)}")

@@ -41,7 +41,8 @@ _CHATML = """{%- for message in messages -%}
 {%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"""
 
 _ALPACA = """{%- if messages[0]['role'] != 'system' -%}
-{{- 'Below is an instruction that describes a task. Write a response that appropriately completes the request.\\n\\n' -}}
+{{- 'Below is an instruction that describes a task. '
+    'Write a response that appropriately completes the request.\\n\\n' -}}
 {%- endif -%}
 {%- for message in messages -%}
 {%- if message['role'] == 'system' -%}
@@ -102,8 +103,8 @@ def read_chat_template(spec: str) -> tuple[str, str, str | None]:
     if spec in NAMED:
         return (spec, *NAMED[spec])
     if not os.path.isfile(spec):
-        hint = "" if spec.endswith((".jinja", ".j2", ".txt")) or os.sep in spec else f"; named templates: {', '.join(NAMED)}"
-        raise ChatTemplateError(f"{_option(spec)}: no such file{hint}; pass a name ({', '.join(NAMED)}) or a Jinja file")
+        raise ChatTemplateError(f"{_option(spec)}: no such file or named template; pass one of {', '.join(NAMED)} "
+                                "or the path of a Jinja file")
     try:
         with open(spec, encoding="utf-8") as handle:
             body = handle.read()
@@ -149,10 +150,11 @@ def resolve_chat_template(spec: str, tokenizer) -> ChatTemplate:
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
     try:
         text = tokenizer.apply_chat_template(probe, chat_template=source, tokenize=False)
-    except Exception as error:  # noqa: BLE001  any Jinja failure is the template's
+    except Exception as error:  # any Jinja failure is the template's
         raise ChatTemplateError(f"{_option(spec)} does not render a conversation ({error}); fix the Jinja") from error
     if _PROBE not in text:
-        raise ChatTemplateError(f"{_option(spec)} drops the assistant's message; render message['content'] for every turn")
+        raise ChatTemplateError(f"{_option(spec)} drops the assistant's message; render message['content'] "
+                                "for every turn")
     tail = text.split(_PROBE, 1)[1]
     ids = tokenizer(tail, add_special_tokens=False).input_ids
     if not ids or ids[0] not in _special_ids(tokenizer):

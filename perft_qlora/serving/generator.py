@@ -107,7 +107,8 @@ class Generator:
         chosen, warning = choose_template(template, adapter)
         chat = recorded_chat_template(adapter)
         if template is not None and chat is not None:
-            warning = f"adapter {adapter} was trained with the chat template {chat.name!r}; prompting it with {template!r}"
+            warning = (f"adapter {adapter} was trained with the chat template {chat.name!r}; prompting it with "
+                       f"{template!r} as template= asks")
             chat = None
         if warning:
             warnings.warn(warning, stacklevel=2)
@@ -134,8 +135,9 @@ class Generator:
         """Yield the answer's text as it is generated (special tokens removed); ``options`` are
         :class:`Sampling`'s fields (``max_new_tokens``, ``greedy``, ``temperature``, ``top_p``)."""
         sampling = sampling or Sampling(**options)
+        # A chat template writes its own special tokens.
         encoded = self.tokenizer(self.prompt(instruction, input), return_tensors="pt",
-                                 add_special_tokens=self.chat is None).to(self.model.device)  # a chat template writes its own
+                                 add_special_tokens=self.chat is None).to(self.model.device)
         stop = {"eos_token_id": stop_token_ids(self.tokenizer, self.chat)} if self.chat is not None else {}
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
