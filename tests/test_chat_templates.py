@@ -187,3 +187,8 @@ def test_evaluate_and_the_app_prompt_an_adapter_through_its_chat_template(chat_r
         "<|im_start|>user\nHi<|endoftext|>\n<|im_start|>assistant\ntrue<|endoftext|>\n"
         "<|im_start|>user\nAgain<|endoftext|>\n<|im_start|>assistant\n")
     assert app.build_prompt([], "Hi", name="base").startswith("Below is an instruction")  # the base: unchanged
+    generator = Generator.load(str(out / "base"), adapter=str(out / "adapter"), device="cpu")
+    assert generator.chat.name == "chatml" and generator.prompt("Hi") == "<|im_start|>user\nHi<|endoftext|>\n" \
+                                                                          "<|im_start|>assistant\n"
+    with pytest.warns(UserWarning, match="trained with the chat template 'chatml'"):
+        assert Generator.load(str(out / "base"), adapter=str(out / "adapter"), template="alpaca", device="cpu").chat is None

@@ -59,6 +59,10 @@ def check(args) -> tuple[Sampling, str]:
     if args.adapter is not None:
         check_adapter(args.adapter, config)
     template, warning = choose_template(args.template, args.adapter)
+    chat = recorded_chat_template(args.adapter)
+    if args.template is not None and chat is not None:
+        warning = f"adapter {args.adapter} was trained with the chat template {chat.name!r}; prompting it with " \
+                  f"{args.template!r} as --template asks"
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     return sampling, template
