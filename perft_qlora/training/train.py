@@ -42,6 +42,7 @@ from .baseline import attach_lora_baseline
 from .data import count_truncated, split_validation, to_chat_prompt_completion, to_prompt_completion
 from .demo import prepare_demo_base, run_demo
 from .distributed import expert_shard, is_main_process, launch_engine, load_device, main_process_first, prepare_ranks
+from .packing import check_packing, check_packing_backend
 from .train_checks import check_against_model, check_offload, check_output_dir, check_schedule, expert_budget_gib
 from .train_options import TrainOptions, make_perft_config, make_sft_config, parse_args
 from .trainer import PerftSFTTrainer
@@ -140,6 +141,8 @@ def run(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -
     perft_config = make_perft_config(options)  # the knobs on their own, before --demo writes anything
     check_schedule(options)
     check_offload(options)
+    if options.packing:
+        check_packing_backend(options.backend)
     if options.chat_template is not None:
         read_chat_template(options.chat_template)  # a missing file or bad Jinja fails before anything is written
     set_seed(options.seed)
@@ -173,6 +176,8 @@ def run(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -
     if chat is not None:  # TRL renders the conversations with it; evaluate, the app and Generator read the record
         tokenizer.chat_template = chat.source
         say(f"chat template {chat.name}: turns end with {chat.end_of_turn!r}")
+    if options.packing:
+        check_packing(model)  # before the adapter: attention is the base's
     arch = get_arch(model.config)
     too_long, checked = count_truncated(train_set, tokenizer, options.max_length)
     if too_long:

@@ -88,6 +88,7 @@ class TrainOptions:
     template: str
     chat_template: str | None
     completion_only_loss: bool
+    packing: bool
     # training
     output_dir: str
     epochs: float
@@ -180,6 +181,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "the tokenizer already has (chatml: <|im_end|>, else the EOS token)")
     g.add_argument("--completion-only-loss", default=False, action=argparse.BooleanOptionalAction,
                    help="loss on the response only (recipe: whole sequence; --demo: on)")
+    g.add_argument("--packing", default=False, action=argparse.BooleanOptionalAction,
+                   help="pack whole examples into rows of --max-length tokens, padding-free (TRL's bfd); refused for a "
+                        "model whose attention would cross the examples' boundaries (checked on the loaded model)")
     g = p.add_argument_group("training")
     g.add_argument("--output-dir", default="perft-out", help="checkpoints, logs and the final adapter (<dir>/adapter)")
     g.add_argument("--epochs", type=float, default=3.0, help="training epochs")
@@ -312,7 +316,7 @@ def make_sft_config(options: TrainOptions, arch, has_validation: bool):
         load_best_model_at_end=has_validation, metric_for_best_model="eval_loss", greater_is_better=False,
         activation_checkpointing=options.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False, "offload": options.offload_activations},
-        max_length=options.max_length, completion_only_loss=options.completion_only_loss, packing=False,
+        max_length=options.max_length, completion_only_loss=options.completion_only_loss, packing=options.packing,
         router_aux_loss_coef=base_coef,
         use_cpu=on_cpu, bf16=not on_cpu, dataloader_pin_memory=not on_cpu,
         # Top-K routing leaves some PEFT experts without tokens in a micro-batch; DDP must tolerate that.
