@@ -18,6 +18,7 @@ from perft_qlora.formats.chat_templates import (
     instruction_prompt,
     resolve_chat_template,
     stop_token_ids,
+    tokenizer_chat_template,
 )
 from perft_qlora.formats.prompts import format_prompt
 from perft_qlora.serving.generator import Generator
@@ -81,6 +82,15 @@ def test_a_jinja_file_is_used_and_bad_ones_refused(byte_tokenizer, tmp_path):
                           (str(plain_end), "not with a special token"), ("chatmll", "no such file or named template")]:
         with pytest.raises(ChatTemplateError, match=message):
             resolve_chat_template(spec, byte_tokenizer)
+
+
+def test_the_tokenizers_own_template_is_recorded_the_same_way(im_end_tokenizer):
+    with pytest.raises(ChatTemplateError, match="no chat template; pass --chat-template"):
+        tokenizer_chat_template(im_end_tokenizer)
+    im_end_tokenizer.chat_template = resolve_chat_template("chatml", im_end_tokenizer).source
+    own = tokenizer_chat_template(im_end_tokenizer)
+    assert own.name == "tokenizer" and own.end_of_turn == CHATML_END
+    im_end_tokenizer.chat_template = None
 
 
 def test_train_refuses_a_missing_template_file_in_one_line(tmp_path, capsys):

@@ -147,21 +147,34 @@ def resolve_chat_template(spec: str, tokenizer) -> ChatTemplate:
         source = "{%- set eot = " + json.dumps(end, ensure_ascii=False) + " -%}\n" + body
     else:
         source = body
+    return ChatTemplate(name, source, _end_of_turn(tokenizer, source, _option(spec)))
+
+
+def tokenizer_chat_template(tokenizer) -> ChatTemplate:
+    """The tokenizer's own chat template as a :class:`ChatTemplate` (name ``tokenizer``), for conversational data
+    trained without ``--chat-template``: recorded like a chosen one, so loaders stop on the same token."""
+    if not getattr(tokenizer, "chat_template", None) or not isinstance(tokenizer.chat_template, str):
+        raise ChatTemplateError("the tokenizer has no chat template; pass --chat-template chatml, alpaca or a Jinja file")
+    return ChatTemplate("tokenizer", tokenizer.chat_template,
+                        _end_of_turn(tokenizer, tokenizer.chat_template, "the tokenizer's chat template"))
+
+
+def _end_of_turn(tokenizer, source: str, what: str) -> str:
+    """The special token ``source`` ends an assistant turn with (rendered with ``tokenizer``), or ChatTemplateError."""
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
     try:
         text = tokenizer.apply_chat_template(probe, chat_template=source, tokenize=False)
     except Exception as error:  # any Jinja failure is the template's
-        raise ChatTemplateError(f"{_option(spec)} does not render a conversation ({error}); fix the Jinja") from error
+        raise ChatTemplateError(f"{what} does not render a conversation ({error}); fix the Jinja") from error
     if _PROBE not in text:
-        raise ChatTemplateError(f"{_option(spec)} drops the assistant's message; render message['content'] "
-                                "for every turn")
+        raise ChatTemplateError(f"{what} drops the assistant's message; render message['content'] for every turn")
     tail = text.split(_PROBE, 1)[1]
     ids = tokenizer(tail, add_special_tokens=False).input_ids
     if not ids or ids[0] not in _special_ids(tokenizer):
         raise ChatTemplateError(
-            f"{_option(spec)} ends an assistant turn with {tail[:20]!r}, not with a special token of this tokenizer, "
+            f"{what} ends an assistant turn with {tail[:20]!r}, not with a special token of this tokenizer, "
             f"so generation could not stop there; end the turn with {{{{ eos_token }}}} ({tokenizer.eos_token!r})")
-    return ChatTemplate(name, source, tokenizer.convert_ids_to_tokens(ids[0]))
+    return tokenizer.convert_ids_to_tokens(ids[0])
 
 
 def stop_token_ids(tokenizer, template: ChatTemplate) -> list[int]:
