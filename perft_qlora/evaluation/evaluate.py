@@ -6,7 +6,9 @@
 
 The NF4 base model is loaded once and evaluated, then each adapter is attached, evaluated and detached.
 Test files are read from ``<data-dir>/<task folder>/test.json`` (LLM-Adapters' ``dataset/`` layout) or from
-``--test-file TASK=PATH_OR_HUB_NAME``. Writes ``predictions.jsonl`` (every row, as it goes), ``summary.json``
+``--test-file TASK=PATH_OR_HUB_NAME``. Your own test set: ``--data [NAME=]FILE`` (rows with ``instruction``,
+optional ``input`` and ``answer``), scored by ``--match exact|contains|regex:PATTERN|choice`` (own_data.py);
+with ``--data`` only those are run unless ``--tasks`` is given too. Writes ``predictions.jsonl`` (every row, as it goes), ``summary.json``
 and ``results.md``; ``--resume`` continues a stopped run. Tasks: boolq piqa siqa hellaswag winogrande arc-e
 arc-c obqa addsub multiarith singleeq gsm8k aqua svamp demo; groups: commonsense, math, all.
 """
@@ -16,10 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .._version import __version__
 from ..cli import add_debug_option, error_path, positive_int
+from ..formats.chat_templates import ChatTemplate
 from ..formats.prompts import DEFAULT_TEMPLATE, TEMPLATES
 from ..method.adapters import adapter_kind, attach_saved_adapter, detach_adapter, named_adapters, training_record
 from ..method.checkpoint import (
@@ -31,6 +34,7 @@ from ..method.checkpoint import (
 )
 from ..quant.loader import load_model
 from ..quant.model_config import is_local_path, model_config
+from .own_data import MATCHES, own_test_set, parse_match
 from .predictions import PredictionsError, PredictionStore
 from .protocol import PROTOCOLS, Protocol
 from .summary import Summary, previous_summary, resume_conflicts
@@ -51,6 +55,8 @@ class Plan:
     adapters: dict[str, str]
     settings: dict
     previous: dict | None
+    chats: dict[str, ChatTemplate] = field(default_factory=dict)
+    """Per adapter label trained with ``--chat-template`` (and no ``--template`` given): that chat template."""
 
 
 def parse_adapters(values: list[str], model_config=None) -> dict[str, str]:
@@ -82,12 +88,20 @@ def adapter_template(directory: str) -> str | None:
     return training_record(directory).get("template")
 
 
+def adapter_chats(requested: str | None, adapters: dict[str, str]) -> dict[str, ChatTemplate]:
+    """The chat template each adapter was trained with (``train --chat-template``); none when ``--template`` asks
+    for a prompt template instead."""
+    chats = {name: ChatTemplate.from_record(training_record(d)) for name, d in adapters.items()}
+    return {name: chat for name, chat in chats.items() if chat is not None and requested is None}
+
+
 def choose_templates(requested: str | None, adapters: dict[str, str]) -> dict[str, str]:
     """Per model label: ``--template`` if given (warning where an adapter was trained with another), else the
-    adapter's own, else the default (``released``)."""
+    adapter's own (``chat:NAME`` for a chat template), else the default (``released``)."""
     templates = {BASE_LABEL: requested or DEFAULT_TEMPLATE}
     for name, directory in adapters.items():
-        trained = adapter_template(directory)
+        chat = ChatTemplate.from_record(training_record(directory))
+        trained = f"chat:{chat.name}" if chat is not None else adapter_template(directory)
         if requested and trained and requested != trained:
             print(f"warning: adapter {name} was trained with the {trained!r} template; evaluating it with "
                   f"{requested!r} as --template asks", file=sys.stderr)
@@ -95,14 +109,28 @@ def choose_templates(requested: str | None, adapters: dict[str, str]) -> dict[st
     return templates
 
 
+def own_test_sets(args) -> list[TestSet]:
+    """``--data`` sources scored by ``--match`` (own_data.py); names unique."""
+    if args.match is not None and not args.data:
+        raise TaskError("--match scores a test file of your own; pass it with --data [NAME=]FILE")
+    match = parse_match(args.match or "exact")
+    test_sets = [own_test_set(value, match) for value in args.data]
+    names = [t.task.name for t in test_sets]
+    if len(set(names)) < len(names):
+        raise TaskError(f"--data names {', '.join(names)} repeat; name each: --data NAME=FILE")
+    return test_sets
+
+
 def prepare(args) -> Plan:
     """Resolve tasks, read and validate every test file and adapter, and check the output directory."""
     config = model_config(args.model) if is_local_path(args.model) else None  # hub: checked when it loads
-    tasks = resolve_tasks(args.tasks)
+    own = own_test_sets(args)
+    tasks = resolve_tasks(args.tasks or "commonsense") if args.tasks or not own else []
     overrides = dict(_key_value(item, "--test-file") for item in args.test_file)
     if extra := sorted(set(overrides) - {task.name for task in tasks}):
         raise TaskError(f"--test-file given for {', '.join(extra)}, which --tasks does not include")
     test_sets = [load_test_set(task, overrides.get(task.name) or task.test_source(args.data_dir)) for task in tasks]
+    test_sets += own
     adapters = parse_adapters(args.adapter, config)
     if args.no_base and not adapters:
         raise TaskError("--no-base with no --adapter leaves nothing to evaluate")
@@ -116,11 +144,12 @@ def prepare(args) -> Plan:
         "perft_qlora_version": __version__, "model": args.model, "adapters": adapters,
         "decoding": {**protocol.to_dict(), "template": templates}, "tasks": [t.task.name for t in test_sets],
         "test_files": {t.task.name: t.source for t in test_sets}, "limit": args.limit, "batch_size": args.batch_size,
+        **({"match": {t.task.name: t.task.match for t in own}} if own else {}),
     }
     previous = previous_summary(args.output_dir) if args.resume else None
     if previous is not None and (problems := resume_conflicts(previous, settings)):
         raise PredictionsError("cannot --resume with different settings:\n  " + "\n  ".join(problems))
-    return Plan(protocol, templates, test_sets, adapters, settings, previous)
+    return Plan(protocol, templates, test_sets, adapters, settings, previous, adapter_chats(args.template, adapters))
 
 
 def _key_value(item: str, flag: str) -> tuple[str, str]:
@@ -152,7 +181,9 @@ def _evaluate(args, plan: Plan) -> dict:
         model, tokenizer = load_model(args.model, device=args.device)
         for label, adapter_dir in models:
             adapted = model if adapter_dir is None else attach_saved_adapter(model, adapter_dir)
-            protocol = plan.protocol.with_template(plan.templates[label])
+            chat = plan.chats.get(label)
+            protocol = (plan.protocol.with_chat(chat, tokenizer) if chat is not None
+                        else plan.protocol.with_template(plan.templates[label]))
             for test_set in plan.test_sets:
                 result = run_task(adapted, tokenizer, label, test_set, protocol, store,
                                   batch_size=args.batch_size, limit=args.limit)
@@ -174,12 +205,19 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
                         help="a saved PERFT or peft (LoRA baseline) adapter to evaluate (repeatable); NAME defaults to the folder name")
     parser.add_argument("--no-base", action="store_true", help="evaluate only the adapters, not the base model")
-    parser.add_argument("--tasks", default="commonsense",
-                        help="comma-separated task names and/or groups commonsense, math, all (default: %(default)s)")
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated task names and/or groups commonsense, math, all (default: commonsense, "
+                             "or none when --data is given)")
     parser.add_argument("--data-dir", default="dataset",
                         help="laid out like LLM-Adapters' dataset/: <data-dir>/<task>/test.json (default: %(default)s)")
     parser.add_argument("--test-file", action="append", default=[], metavar="TASK=SOURCE",
                         help="test set for one task: a .json/.jsonl file or a datasets hub name (repeatable)")
+    parser.add_argument("--data", action="append", default=[], metavar="[NAME=]FILE",
+                        help="a test set of your own (.json/.jsonl rows with instruction, optional input, answer), "
+                             "scored as task NAME (default: the file's stem) by --match (repeatable)")
+    parser.add_argument("--match", default=None, metavar="|".join(MATCHES),
+                        help="how --data answers are checked: exact, contains, regex:PATTERN (first group if any), "
+                             "choice (letters A-E) or choice:OPT1,OPT2,... (default: exact)")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="perft",
                         help="perft: the PERFT authors' scripts (the last ### Response:); llm-adapters: LLM-Adapters' own (the "
                              "first) (default: %(default)s)")

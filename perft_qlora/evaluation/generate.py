@@ -10,7 +10,8 @@ import torch
 
 
 def generate_batch(
-    model, tokenizer, prompts: list[str], max_new_tokens: int, num_beams: int = 1
+    model, tokenizer, prompts: list[str], max_new_tokens: int, num_beams: int = 1, *,
+    eos_token_id: int | list[int] | None = None, add_special_tokens: bool = True,
 ) -> list[str]:
     """Continue each of ``prompts``; returns one decoded continuation per prompt, special tokens removed.
 
@@ -19,6 +20,9 @@ def generate_batch(
         tokenizer: its tokenizer; its padding side is set to ``left`` for the call and restored after.
         max_new_tokens: tokens generated after the longest prompt.
         num_beams: beam-search width; 1 is greedy decoding.
+        eos_token_id: the token(s) to stop on (default: the model's generation config), e.g. a chat template's
+            end-of-turn token.
+        add_special_tokens: False for prompts rendered by a chat template, which writes its own.
     """
     if not prompts:
         return []
@@ -30,7 +34,8 @@ def generate_batch(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        batch = tokenizer(list(prompts), return_tensors="pt", padding=True).to(model.device)
+        batch = tokenizer(list(prompts), return_tensors="pt", padding=True,
+                          add_special_tokens=add_special_tokens).to(model.device)
     finally:
         tokenizer.padding_side = side
     with torch.no_grad():
@@ -41,6 +46,7 @@ def generate_batch(
             num_beams=num_beams,
             do_sample=False,
             pad_token_id=pad_token_id,
+            **({"eos_token_id": eos_token_id} if eos_token_id is not None else {}),
         )  # (B, L + new), the best beam per prompt
     new_tokens = sequences[:, batch["input_ids"].shape[1]:]
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..formats.chat_templates import ChatTemplate, instruction_prompt, stop_token_ids
 from ..formats.prompts import DEFAULT_TEMPLATE, get_template, response_text
 
 COMMONSENSE_PREFIX = "the correct answer is"
@@ -37,19 +38,40 @@ class Protocol:
     split: str = "last"
     """Which ``### Response:`` the scored text follows: ``last`` (PERFT) or ``first`` (LLM-Adapters)."""
     template: str = DEFAULT_TEMPLATE
-    """Prompt template name (``prompts.TEMPLATES``)."""
+    """Prompt template name (``prompts.TEMPLATES``); unused when ``chat`` is set."""
+    chat: ChatTemplate | None = None
+    """The chat template an adapter was trained with (``--chat-template``): prompts are its generation prompt for
+    the row as one user turn, generation stops on its end-of-turn token. Set with :meth:`with_chat`."""
+    tokenizer: object = dataclasses.field(default=None, compare=False, repr=False)
+    """The tokenizer that renders ``chat``."""
 
     def decoding(self, family: str) -> Decoding:
         return self.families[family]
 
     def prompt(self, family: str, row: dict[str, str]) -> str:
-        """The evaluation prompt of ``self.template`` for ``row`` with the family's response prefix."""
+        """The evaluation prompt of ``self.template`` (or ``self.chat``) for ``row``, then the family's prefix."""
+        prefix = self.families[family].response_prefix
+        if self.chat is not None:
+            return instruction_prompt(self.tokenizer, self.chat, row["instruction"], row.get("input", "")) + prefix
         render = get_template(self.template).eval
-        return render(row["instruction"], row.get("input", ""), self.families[family].response_prefix)
+        return render(row["instruction"], row.get("input", ""), prefix)
 
-    def scored_response(self, prompt: str, generated: str) -> str:
-        """What is scored: the response part of prompt + generation (the prefix included), split as the source does."""
+    def scored_response(self, prompt: str, generated: str, family: str | None = None) -> str:
+        """What is scored: the response part of prompt + generation (the prefix included), split as the source does;
+        with a chat template, the family's prefix + the generation (the turn is all response)."""
+        if self.chat is not None and family is not None:
+            return (self.families[family].response_prefix + generated).strip()
         return response_text(prompt + generated, self.split)
+
+    def generate_options(self) -> dict:
+        """Extra ``generate_batch`` arguments: with a chat template, stop on its end-of-turn token and add no special
+        tokens (the template writes its own)."""
+        if self.chat is None:
+            return {}
+        return {"eos_token_id": stop_token_ids(self.tokenizer, self.chat), "add_special_tokens": False}
+
+    def with_chat(self, chat: ChatTemplate, tokenizer) -> Protocol:
+        return dataclasses.replace(self, chat=chat, tokenizer=tokenizer)
 
     def with_template(self, template: str) -> Protocol:
         get_template(template)  # an unknown name fails here
@@ -76,6 +98,7 @@ class Protocol:
             "split": self.split,
             "do_sample": False,
             "families": {family: dataclasses.asdict(decoding) for family, decoding in self.families.items()},
+            **({"chat_template": self.chat.name} if self.chat is not None else {}),
         }
 
 

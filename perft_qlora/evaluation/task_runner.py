@@ -35,9 +35,10 @@ def run_task(
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             prompts = [protocol.prompt(task.family, rows[i]) for i in chunk]
-            generated = generate_batch(model, tokenizer, prompts, decoding.max_new_tokens, protocol.num_beams)
+            generated = generate_batch(model, tokenizer, prompts, decoding.max_new_tokens, protocol.num_beams,
+                                       **protocol.generate_options())
             for i, prompt, text in zip(chunk, prompts, generated):
-                response = protocol.scored_response(prompt, text)
+                response = protocol.scored_response(prompt, text, task.family)
                 extracted = task.extract(response)
                 gold = rows[i]["answer"].strip()
                 store.add({

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ..errors import PerftQloraError
 from ..formats.demo_data import demo_data_path
-from ..formats.records import DataError, read_records
+from ..formats.records import DataError, RecordSet, read_records
 from . import extract
 
 ANSWER_LETTERS = ("A", "B", "C", "D", "E")
@@ -76,17 +76,24 @@ class Task:
     """Rows in the released test set (for the record; a smaller file is accepted)."""
     source: str | None = field(default=None, compare=False)
     """A fixed test source that overrides the data directory (the shipped demo test set)."""
+    rule: AnswerRule | None = field(default=None, compare=False)
+    """An answer rule of its own instead of ``ANSWER_RULES[answer]`` (a user's test set, ``own_data.py``)."""
+    match: str | None = None
+    """The ``--match`` that built ``rule``."""
+
+    def _rule(self) -> AnswerRule:
+        return self.rule if self.rule is not None else ANSWER_RULES[self.answer]
 
     def extract(self, response: str) -> str:
         """The answer in ``response`` (the text after ``### Response:``), or ``extract.INVALID``."""
-        return ANSWER_RULES[self.answer].extract(response, self.labels)
+        return self._rule().extract(response, self.labels)
 
     def is_correct(self, extracted: str, gold: str) -> bool:
-        return ANSWER_RULES[self.answer].matches(extracted, gold)
+        return self._rule().matches(extracted, gold)
 
     def gold_problem(self, gold: str) -> str | None:
         """None when ``gold`` can be scored, else the reason (a malformed test row)."""
-        return ANSWER_RULES[self.answer].gold_problem(gold, self.labels)
+        return self._rule().gold_problem(gold, self.labels)
 
     def test_source(self, data_dir: str) -> str:
         """The default test file: the fixed source, or ``<data_dir>/<directory>/test.json``.
@@ -157,7 +164,8 @@ def resolve_tasks(spec: str | list[str]) -> list[Task]:
             unknown.append(part)
     if unknown:
         raise TaskError(
-            f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)} or the groups {', '.join(GROUPS)}"
+            f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)} or the groups {', '.join(GROUPS)}; "
+            "for a test set of your own: --data NAME=FILE"
         )
     if not names:
         raise TaskError(f"no task given; choose from {', '.join(TASKS)} or the groups {', '.join(GROUPS)}")
@@ -175,6 +183,21 @@ class TestSet:
     rows: list[dict[str, str]]
     skipped: list[str]
     """One line per malformed row: why it was skipped and which row it was."""
+
+    @classmethod
+    def from_records(cls, task: Task, source: str, records: RecordSet) -> TestSet:
+        """The rows of ``records`` that ``task`` can score; the others listed in ``skipped``. TaskError when none is."""
+        skipped = [f"row {number}: {reason}" for number, reason in records.skipped]
+        rows = []
+        for position, row in enumerate(records.rows, 1):
+            problem = task.gold_problem(row["answer"])
+            if problem is None:
+                rows.append(row)
+            else:
+                skipped.append(f"usable row {position} ({row['instruction'][:40]!r}...): {problem}")
+        if not rows:
+            raise TaskError(f"no scorable rows for {task.name} in {source}:\n" + "\n".join(skipped[:10]))
+        return cls(task=task, source=source, rows=rows, skipped=skipped)
 
     def report(self, max_listed: int = 10) -> str:
         head = f"{self.task.name} ({self.source}): {len(self.rows)} rows used, {len(self.skipped)} skipped"
@@ -201,14 +224,4 @@ def load_test_set(task: Task, source: str) -> TestSet:
         records = read_records(source, required=("instruction", "answer"), split="test")
     except DataError as error:
         raise TaskError(f"{task.name}: {error}") from error
-    skipped = [f"row {number}: {reason}" for number, reason in records.skipped]
-    rows = []
-    for position, row in enumerate(records.rows, 1):
-        problem = task.gold_problem(row["answer"])
-        if problem is None:
-            rows.append(row)
-        else:
-            skipped.append(f"usable row {position} ({row['instruction'][:40]!r}...): {problem}")
-    if not rows:
-        raise TaskError(f"no scorable rows for {task.name} in {source}:\n" + "\n".join(skipped[:10]))
-    return TestSet(task=task, source=source, rows=rows, skipped=skipped)
+    return TestSet.from_records(task, source, records)

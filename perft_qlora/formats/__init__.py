@@ -1,1 +1,2 @@
-"""The LLM-Adapters row format shared by training and evaluation: rows, prompt templates, the demo data."""
+"""The LLM-Adapters row format shared by training and evaluation: rows, prompt templates, chat templates, the demo
+data."""

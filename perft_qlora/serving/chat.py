@@ -23,6 +23,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from ..errors import PerftQloraError
+from ..formats.chat_templates import ChatTemplate, conversation_prompt, stop_token_ids, user_message
 from ..formats.prompts import DEFAULT_TEMPLATE, get_template
 from ..method.adapter_bank import AdapterBank, BankedAdapter
 from ..method.adapters import recorded_training
@@ -143,8 +144,8 @@ def message_text(message: dict) -> str:
 
 
 def user_content(message: str, context: str = "") -> str:
-    """How a turn with an optional input/context reads in a chat history."""
-    return f"{message}\n\n{context}" if context and context.strip() else message
+    """How a turn with an optional input/context reads in a chat history (as training renders a row's input)."""
+    return user_message(message, context)
 
 
 class ChatModel:
@@ -230,6 +231,11 @@ class ChatModel:
         trained = recorded_training(entry.metadata).get("template") if entry is not None else None
         return trained or DEFAULT_TEMPLATE
 
+    def _chat_template(self, name: str | None) -> ChatTemplate | None:
+        """The chat template adapter ``name`` was trained with (``train --chat-template``), else None."""
+        entry = self.adapters.get(name) if name is not None else None
+        return ChatTemplate.from_record(recorded_training(entry.metadata)) if entry is not None else None
+
     def _activate(self, name: str) -> None:
         """Put adapter ``name`` (or the bare base) on the model; call with the lock held."""
         if name != BASE:
@@ -243,8 +249,16 @@ class ChatModel:
 
         ``template``: the LLM-Adapters template, ``message`` as the instruction and ``context`` as its input,
         without the history (adapters are trained single-turn); ``chat``: the tokenizer's chat template over the
-        whole conversation, ``context`` appended to the message.
+        whole conversation, ``context`` appended to the message. An adapter trained with a chat template is
+        prompted through that template, over the whole conversation, in either style.
         """
+        if style not in STYLES:
+            raise ChatError(f"unknown prompt style {style!r}; use one of {', '.join(STYLES)}")
+        trained_chat = self._chat_template(name)
+        if trained_chat is not None:
+            messages = [{"role": m["role"], "content": message_text(m)} for m in history]
+            messages.append({"role": "user", "content": user_content(message, context)})
+            return conversation_prompt(self.tokenizer, trained_chat, messages)
         if style == "template":  # the template adapter ``name`` was trained with (the base: the default)
             return get_template(self._template(name)).eval(message, context, "")
         if style != "chat":
@@ -314,11 +328,13 @@ class ChatModel:
                 self._activate(name)
                 recorder = RouterRecorder(self.model, last_token_only=True)
                 criteria.start = criteria.last = time.perf_counter()
+                chat = self._chat_template(name)  # stop on the end-of-turn token it was trained to emit
+                stop = {"eos_token_id": stop_token_ids(self.tokenizer, chat)} if chat is not None else {}
                 try:
                     output = self.model.generate(
                         input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,
                         stopping_criteria=StoppingCriteriaList([criteria]),
-                        pad_token_id=self._pad_token_id(),
+                        pad_token_id=self._pad_token_id(), **stop,
                         **settings.generate_kwargs(),
                     )  # (1, S + new)
                 finally:
@@ -348,7 +364,8 @@ class ChatModel:
             raise ChatError("the prompt is empty; type a message first")
         prompt = self.build_prompt(history, message, style, context, name)
         turn = [*history, {"role": "user", "content": user_content(message, context)}]
-        for update in self.stream(name, prompt, settings, cancel, add_special_tokens=style == "template"):
+        plain = style == "template" and self._chat_template(name) is None  # a chat template writes its own tokens
+        for update in self.stream(name, prompt, settings, cancel, add_special_tokens=plain):
             yield [*turn, {"role": "assistant", "content": update.text}], update
 
 

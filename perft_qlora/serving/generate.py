@@ -7,7 +7,8 @@
 The answer streams to stdout as it is generated. Without ``--adapter`` the base model answers (``released``
 template). ``--interactive`` reads one instruction per line from stdin until end of input (Ctrl-D); a tab
 on the line separates the instruction from its input. ``--template`` overrides the adapter's recorded template
-(with a warning when it recorded another). Decoding is greedy unless ``--temperature`` asks for sampling.
+(with a warning when it recorded another). An adapter trained with ``--chat-template`` is prompted through that
+chat template and stops at its end-of-turn token. Decoding is greedy unless ``--temperature`` asks for sampling.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..formats.prompts import TEMPLATES
 from ..method.adapters import adapter_kind
 from ..method.checkpoint import WEIGHTS_NAME, AdapterError, verify_adapter_files, verify_safetensors
 from ..quant.model_config import is_local_path, model_config
-from .generator import Generator, Sampling, choose_template
+from .generator import Generator, Sampling, choose_template, recorded_chat_template
 
 
 def check_adapter(directory: str, config=None) -> None:
@@ -58,6 +59,10 @@ def check(args) -> tuple[Sampling, str]:
     if args.adapter is not None:
         check_adapter(args.adapter, config)
     template, warning = choose_template(args.template, args.adapter)
+    chat = recorded_chat_template(args.adapter)
+    if args.template is not None and chat is not None:
+        warning = f"adapter {args.adapter} was trained with the chat template {chat.name!r}; prompting it with " \
+                  f"{args.template!r} as --template asks"
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     return sampling, template
@@ -98,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     with error_path(args.debug):
         sampling, template = check(args)
-        generator = Generator.load_with(args.model, args.adapter, template, device=args.device, quantize=args.quantize)
+        chat = recorded_chat_template(args.adapter) if args.template is None else None  # as it was trained
+        generator = Generator.load_with(args.model, args.adapter, template, device=args.device, quantize=args.quantize,
+                                        chat=chat)
         if args.interactive:
             interact(generator, sampling, sys.stdin)
         else:

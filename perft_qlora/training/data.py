@@ -19,6 +19,13 @@ from dataclasses import dataclass, field
 
 from datasets import Dataset, concatenate_datasets
 
+from ..formats.chat_templates import (
+    ChatTemplate,
+    ChatTemplateError,
+    resolve_chat_template,
+    tokenizer_chat_template,
+    user_message,
+)
 from ..formats.conversations import ExampleSet, read_examples
 from ..formats.detect import parse_fields
 from ..formats.prompts import DEFAULT_TEMPLATE, RESPONSE_MARKER, get_template
@@ -46,6 +53,14 @@ def to_prompt_completion(records: RecordSet, template: str = DEFAULT_TEMPLATE) -
     return Dataset.from_dict({"prompt": prompts, "completion": completions})
 
 
+def to_chat_prompt_completion(records: RecordSet) -> Dataset:
+    """One conversational ``{"prompt": [user turn], "completion": [assistant turn]}`` example per row, for
+    ``--chat-template``: TRL renders both with the tokenizer's chat template (the turn's end token included)."""
+    prompts = [[{"role": "user", "content": user_message(row["instruction"], row["input"])}] for row in records.rows]
+    completions = [[{"role": "assistant", "content": row["output"]}] for row in records.rows]
+    return Dataset.from_list([{"prompt": p, "completion": c} for p, c in zip(prompts, completions)])
+
+
 def count_truncated(dataset: Dataset, tokenizer, max_length: int, sample: int = 2000) -> tuple[int, int]:
     """``(too_long, checked)``: how many of the first ``sample`` examples exceed ``max_length`` tokens (with EOS).
 
@@ -53,9 +68,10 @@ def count_truncated(dataset: Dataset, tokenizer, max_length: int, sample: int = 
     """
     checked = dataset.select(range(min(sample, len(dataset))))
     lengths = [
-        len(tokenizer(prompt + completion, add_special_tokens=False).input_ids) + 1
+        len(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"])
+        if isinstance(prompt, list) else len(tokenizer(prompt + completion, add_special_tokens=False).input_ids) + 1
         for prompt, completion in zip(checked["prompt"], checked["completion"])
-    ]
+    ]  # a conversation (--chat-template) carries its own end-of-turn token
     return sum(length > max_length for length in lengths), len(lengths)
 
 
@@ -89,16 +105,17 @@ class TrainingData:
     """One per source: rows used and skipped (``RecordSet.report``)."""
 
 
-def _dataset(examples: ExampleSet, template: str) -> Dataset:
+def _dataset(examples: ExampleSet, template: str, as_chat: bool) -> Dataset:
     if examples.format == "llm-adapters":
-        return to_prompt_completion(examples, template)
+        return to_chat_prompt_completion(examples) if as_chat else to_prompt_completion(examples, template)
     return Dataset.from_list(examples.rows)
 
 
 def load_training_data(data: str, data_format: str = "auto", data_fields: str | None = None, split: str = "train",
                        config: str | None = None, template: str = DEFAULT_TEMPLATE, loss_on: str = "auto",
-                       completion_only_loss: bool = False) -> TrainingData:
-    """Every comma-separated source of ``data`` read (``read_examples``) and concatenated; one format for all."""
+                       completion_only_loss: bool = False, as_chat: bool = False) -> TrainingData:
+    """Every comma-separated source of ``data`` read (``read_examples``) and concatenated; one format for all.
+    ``as_chat`` (``--chat-template``): LLM-Adapters rows become one-turn conversations (:func:`to_chat_prompt_completion`)."""
     fields = parse_fields(data_fields)
     sets = [read_examples(source.strip(), data_format, fields, split, config)
             for source in data.split(",") if source.strip()]
@@ -109,9 +126,11 @@ def load_training_data(data: str, data_format: str = "auto", data_fields: str | 
         if other.shape != first.shape or (other.format == "llm-adapters") != (first.format == "llm-adapters"):
             raise DataError(f"{first.source} holds {first.format} rows and {other.source} {other.format} rows; "
                             "sources trained together must share a format (convert one, or train them apart)")
-    shape = "prompt-completion" if first.format == "llm-adapters" else first.shape
+    shape = first.shape
+    if first.format == "llm-adapters":
+        shape = "conversational prompt-completion" if as_chat else "prompt-completion"
     loss = resolve_loss(shape, loss_on, completion_only_loss, llm_adapters=first.format == "llm-adapters")
-    parts = [_dataset(examples, template) for examples in sets]
+    parts = [_dataset(examples, template, as_chat) for examples in sets]
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     numbers = [(s.source, n) for s in sets for n in s.numbers]
     return TrainingData(dataset, first.format, shape, loss, numbers, [s.report() for s in sets])
@@ -174,19 +193,34 @@ class PreparedData:
     lengths: LengthReport
     chat_template: str | None
     """The template TRL renders with (``loss_mask.training_chat_template``); None: the tokenizer's own."""
+    chat: ChatTemplate | None = None
+    """The chat template conversations are rendered with (``--chat-template``, else the base's own), recorded in
+    the adapter so that evaluate, generate and the app prompt it the same way; None for plain-text data."""
 
 
 def prepare_data(options: TrainOptions, model_dir: str, say=print) -> PreparedData:
     """Read every source, load the tokenizer (not the model), check the chat template and skip the rows whose
     trained part ``--max-length`` cuts away; ``say`` gets the reports."""
     data = load_training_data(options.data, options.data_format, options.data_fields, options.data_split,
-                              options.data_config, options.template, options.loss_on, options.completion_only_loss)
+                              options.data_config, options.template, options.loss_on, options.completion_only_loss,
+                              as_chat=options.chat_template is not None)
     for report in data.reports:
         say(report)
     tokenizer = load_tokenizer(resolve_checkpoint(model_dir, options.revision))
+    chat = None
+    if options.chat_template is not None:
+        chat = resolve_chat_template(options.chat_template, tokenizer)
+        tokenizer.chat_template = chat.source  # TRL renders the conversations with it
+        say(f"chat template {chat.name}: turns end with {chat.end_of_turn!r}")
     check_chat_template(tokenizer, data.shape)
+    if chat is None and data.shape.startswith(("conversation", "conversational")):
+        try:
+            chat = tokenizer_chat_template(tokenizer)  # the base's own, recorded the same way
+        except ChatTemplateError as error:
+            say(f"warning: the base's chat template is not recorded in the adapter ({error}); loaders will prompt "
+                "it with --template")
     chat_template = training_chat_template(tokenizer, data.loss)
     data, lengths = fit_to_length(data, tokenizer, options.max_length, chat_template)
     if lengths.dropped:
         say(lengths.drop_report(options.max_length))
-    return PreparedData(tokenizer, data, lengths, chat_template)
+    return PreparedData(tokenizer, data, lengths, chat_template, chat)

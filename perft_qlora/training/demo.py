@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from ..evaluation.generate import generate_batch
-from ..evaluation.protocol import PROTOCOLS, scored_response
+from ..evaluation.protocol import PROTOCOLS, Protocol
 from ..evaluation.tasks import TASKS
+from ..formats.chat_templates import ChatTemplate
 from ..formats.demo_corpus import YES_NO
 from ..formats.demo_data import demo_data_path
 from ..formats.records import read_records
@@ -49,15 +50,18 @@ def demo_rows(limit: int | None = None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
-def held_out_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 20) -> tuple[float, list[str]]:
-    """``(accuracy, responses)`` on ``rows``: the evaluator's demo prompts, greedy, its answer extraction."""
-    task, decoding = TASKS["demo"], GREEDY.decoding("commonsense")
+def held_out_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 20,
+                      protocol: Protocol = GREEDY) -> tuple[float, list[str]]:
+    """``(accuracy, responses)`` on ``rows``: the evaluator's demo prompts, greedy, its answer extraction
+    (``protocol``: ``GREEDY`` through a chat template for a run with ``--chat-template``)."""
+    task, decoding = TASKS["demo"], protocol.decoding("commonsense")
     correct, responses = 0, []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        prompts = [GREEDY.prompt(task.family, row) for row in chunk]
-        for prompt, text, row in zip(prompts, generate_batch(model, tokenizer, prompts, decoding.max_new_tokens), chunk):
-            response = scored_response(prompt, text)
+        prompts = [protocol.prompt(task.family, row) for row in chunk]
+        generated = generate_batch(model, tokenizer, prompts, decoding.max_new_tokens, **protocol.generate_options())
+        for prompt, text, row in zip(prompts, generated, chunk):
+            response = protocol.scored_response(prompt, text, task.family)
             responses.append(response)
             correct += task.is_correct(task.extract(response), row["answer"].strip())
     return correct / len(rows), responses
@@ -112,10 +116,12 @@ def run_demo(options: TrainOptions, train) -> DemoReport:
     model = trainer.model.eval()
     model.config.output_router_logits = False  # training's balance loss is not computed while generating
     rows = demo_rows()
-    adapter_accuracy, _ = held_out_accuracy(model, trainer.processing_class, rows)
+    chat = ChatTemplate.from_record(trainer.run_metadata)  # --chat-template: both scored through it, as evaluate does
+    protocol = GREEDY if chat is None else GREEDY.with_chat(chat, trainer.processing_class)
+    adapter_accuracy, _ = held_out_accuracy(model, trainer.processing_class, rows, protocol=protocol)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base, tokenizer = load_model(options.model, device=options.device, progress=False)
-    base_accuracy, _ = held_out_accuracy(base, tokenizer, rows)
+    base_accuracy, _ = held_out_accuracy(base, tokenizer, rows, protocol=protocol)
     report = DemoReport(base_accuracy, adapter_accuracy, len(rows), trainable, time.perf_counter() - start,
                         options.model, os.path.join(options.output_dir, "adapter"), options.variant)
     if is_main_process():  # every rank runs this under accelerate launch

@@ -29,6 +29,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..cli import error_path
 from ..errors import UsageError
+from ..formats.chat_templates import read_chat_template
 from ..method.config import PerftConfig
 from ..method.model import attach_perft, parameter_report
 from ..quant.arch import get_arch
@@ -44,6 +45,7 @@ from .demo_base import demo_base_dir
 from .distributed import expert_shard, is_main_process, launch_engine, load_device, main_process_first, prepare_ranks
 from .guard_rails import cpu_threads, mask_warning, schedule_warning
 from .loss_mask import marked_example, token_labels
+from .packing import check_packing, check_packing_backend
 from .train_checks import check_against_model, check_offload, check_output_dir, check_schedule, expert_budget_gib
 from .train_options import TrainOptions, make_perft_config, make_sft_config, parse_args
 from .trainer import PerftSFTTrainer
@@ -142,6 +144,10 @@ def run(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -
     perft_config = make_perft_config(options)  # the knobs on their own, before --demo writes anything
     check_schedule(options)
     check_offload(options)
+    if options.packing:
+        check_packing_backend(options.backend)
+    if options.chat_template is not None:
+        read_chat_template(options.chat_template)  # a missing file or bad Jinja fails before anything is written
     set_seed(options.seed)
     with main_process_first():  # rank 0 removes old checkpoints and writes the demo base before others look
         resume = resolve_resume(options, remove=is_main_process())
@@ -175,8 +181,11 @@ def run(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -
         placement = model.expert_placement
         say(f"experts of {len(placement.offloaded)} of {len(placement.moe_layers)} MoE layers in host memory "
             f"({placement.host_bytes / 2**30:.2f} GiB), streamed through {model.expert_stager}")
+    if options.packing:
+        check_packing(model)  # before the adapter: attention is the base's
     arch = get_arch(model.config)
-    too_long, checked = (count_truncated(train_set, tokenizer, options.max_length) if data.shape == "prompt-completion"
+    too_long, checked = (count_truncated(train_set, tokenizer, options.max_length)
+                         if data.loss == "all" and "prompt" in train_set.column_names  # not tokenized before
                          else (prepared.lengths.too_long, prepared.lengths.kept))
     if too_long:
         say(f"warning: {too_long} of {checked} examples checked are longer than --max-length {options.max_length} "
@@ -190,6 +199,7 @@ def run(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -
     run_metadata = {
         "base_model": options.model, "data": options.data, "variant": options.variant, "seed": options.seed,
         "template": options.template, "data_format": data.format, "loss_on": data.loss,
+        **({"chat_template": prepared.chat.to_record()} if prepared.chat is not None else {}),
     }
     trainer = PerftSFTTrainer(
         model, args=make_sft_config(options, arch, val_set is not None, data.loss), train_dataset=train_set,

@@ -91,9 +91,11 @@ class TrainOptions:
     val_size: int
     max_length: int
     template: str
+    chat_template: str | None
     completion_only_loss: bool
     loss_on: str
     show_example: int | None
+    packing: bool
     # training
     output_dir: str
     epochs: float
@@ -189,6 +191,10 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-length", type=int, default=256, help="tokens per example (truncated; EOS appended)")
     g.add_argument("--template", default="released", choices=("released", "alpaca"),
                    help="prompt template: released = the authors' exact bytes, alpaca = the clean text (recorded in the adapter)")
+    g.add_argument("--chat-template", default=None, metavar="chatml|alpaca|FILE",
+                   help="set this chat template (a name or a Jinja file) on the tokenizer, for bases that have none; "
+                        "LLM-Adapters rows are then rendered as a conversation through it; recorded in the adapter. Its "
+                        "end-of-turn is a token the tokenizer already has (chatml: <|im_end|>, else the EOS token)")
     g.add_argument("--completion-only-loss", default=False, action=argparse.BooleanOptionalAction,
                    help="LLM-Adapters rows: loss on the response only (recipe: whole sequence; --demo: on)")
     g.add_argument("--loss-on", default="auto", choices=LOSS_CHOICES,
@@ -197,6 +203,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--show-example", type=int, default=None, metavar="N",
                    help="print training example N (1 = the first usable row) with the trained tokens in [[...]], "
                         "then exit without training")
+    g.add_argument("--packing", default=False, action=argparse.BooleanOptionalAction,
+                   help="pack whole examples into rows of --max-length tokens, padding-free (TRL's bfd); refused for a "
+                        "model whose attention would cross the examples' boundaries (checked on the loaded model)")
     g = p.add_argument_group("training")
     g.add_argument("--output-dir", default="perft-out", help="checkpoints, logs and the final adapter (<dir>/adapter)")
     g.add_argument("--epochs", type=float, default=3.0, help="training epochs")
@@ -334,7 +343,7 @@ def make_sft_config(options: TrainOptions, arch, has_validation: bool, loss: str
         activation_checkpointing=options.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False, "offload": options.offload_activations},
         max_length=options.max_length, completion_only_loss=completion_only, assistant_only_loss=loss == "assistant",
-        packing=False,
+        packing=options.packing,
         router_aux_loss_coef=base_coef,
         use_cpu=on_cpu, bf16=not on_cpu, dataloader_pin_memory=not on_cpu,
         # Top-K routing leaves some PEFT experts without tokens in a micro-batch; DDP must tolerate that.
