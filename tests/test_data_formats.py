@@ -187,6 +187,9 @@ def test_loss_choices_follow_the_format():
         resolve_loss("text", "assistant")
     with pytest.raises(UsageError, match="disagree"):
         resolve_loss("prompt-completion", "all", True, llm_adapters=True)
+    assert resolve_loss("conversation", "auto", True) == "assistant"  # --demo's --completion-only-loss on chats
+    with pytest.raises(UsageError, match="pass --no-completion-only-loss"):
+        resolve_loss("text", "auto", True)
 
 
 def test_rows_whose_trained_part_is_cut_away_are_listed_and_an_empty_set_is_one_error(chat_base, tmp_path, capsys):

@@ -95,3 +95,33 @@ def app_answers_like_the_table(demo_dir):
             *_, (history, _) = chat.respond(name, [], row["instruction"], GenerationSettings(16), context=row["input"])
             correct[name] += TASKS["demo"].extract(history[-1]["content"]) == row["answer"]
     assert correct["demo"] >= len(rows) - 1 and correct[BASE] <= 2, correct
+
+
+@pytest.mark.slow
+def test_the_demo_written_as_conversations_trains_through_chatml_to_90_percent(tmp_path):
+    """Issue 24's proof: the demo task as ``messages`` rows, rendered by ``--chat-template chatml`` (the demo
+    tokenizer has no chat template; ChatML's turns end with its EOS), loss on the assistant turns, scored through
+    the recorded template as evaluate does: the base stays near chance, the adapter >= 90% held out."""
+    from perft_qlora.formats.chat_templates import ChatTemplate, user_message
+    from perft_qlora.formats.demo_data import demo_data_path
+
+    with open(demo_data_path("train"), encoding="utf-8") as f:
+        rows = json.load(f)
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": user_message(row["instruction"], row["input"])},
+        {"role": "assistant", "content": row["output"]}]}) + "\n" for row in rows), encoding="utf-8")
+    out = tmp_path / "out"
+    report = run_demo_with(["--demo", "--data", str(data), "--chat-template", "chatml", "--output-dir", str(out)])
+    assert report.base_accuracy <= CHANCE + 0.10, report
+    assert report.adapter_accuracy >= 0.90, report
+    with open(out / "adapter" / "perft_config.json", encoding="utf-8") as f:
+        training = json.load(f)["extra"]["training"]
+    assert training["data_format"] == "messages" and training["loss_on"] == "assistant"
+    assert ChatTemplate.from_record(training).name == "chatml"
+
+
+def run_demo_with(argv):
+    from perft_qlora.training.demo import run_demo
+
+    return run_demo(parse_args(argv), run)

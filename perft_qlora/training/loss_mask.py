@@ -32,9 +32,12 @@ def resolve_loss(shape: str, loss_on: str, completion_only_loss: bool = False, l
         raise UsageError("--completion-only-loss and --loss-on all disagree; pass one of them")
     if llm_adapters and loss_on == "auto":  # the paper's data: the recipe's whole sequence
         return "completion" if completion_only_loss else "all"
-    if completion_only_loss and loss_on == "auto":
-        loss_on = "completion"
     allowed = ALLOWED[shape]
+    if completion_only_loss and loss_on == "auto":  # the response only: a conversation's is its assistant turns
+        if "completion" not in allowed and "assistant" not in allowed:
+            raise UsageError(f"--completion-only-loss does not apply to {shape} rows (no response to single out); "
+                             "pass --no-completion-only-loss")
+        loss_on = "completion" if "completion" in allowed else "assistant"
     if loss_on == "auto":
         return allowed[0]
     if loss_on not in allowed:
