@@ -3,8 +3,8 @@
 A checkpoint (``<output-dir>/checkpoint-N/``) is written file by file: the adapter (staged and renamed into
 place by ``save_adapter``), then the optimizer, scheduler and every rank's RNG state, then ``trainer_state.json``.
 ``PerftSFTTrainer`` writes :data:`COMPLETE_NAME` last, atomically, once every rank's files are in: it lists each
-file with its size. A checkpoint is complete when that record reads and every file it lists is there at that
-size; a run killed during a save leaves a checkpoint without it, which ``--resume`` skips (saying so) and a run
+file (with its size, for the reader). A checkpoint is complete when that record reads and every file it lists
+is there; a run killed during a save leaves a checkpoint without it, which ``--resume`` skips (saying so) and a run
 reaching that step replaces. Checkpoints written before the record existed count as complete when their
 ``trainer_state.json`` (the Trainer's last file) reads.
 """
@@ -16,10 +16,23 @@ import os
 import re
 
 from ..atomic import write_json
+from ..errors import PerftQloraError
 
 COMPLETE_NAME = "checkpoint_complete.json"
 STATE_NAME = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointSaveError(PerftQloraError):
+    """A checkpoint that could not be written (a full disk, a file size limit): the run stops, the checkpoint
+    stays incomplete, and the message names the last complete one to resume from."""
+
+
+def save_failure(error: BaseException) -> bool:
+    """Whether ``error``, raised while writing a checkpoint, is the machine's (a write that failed) rather than a
+    bug: an ``OSError``, or torch's zip writer failing (a ``RuntimeError`` from its ``inline_container``)."""
+    return isinstance(error, OSError) or (isinstance(error, RuntimeError) and (
+        "inline_container" in str(error) or "PytorchStreamWriter" in str(error)))
 
 
 def checkpoint_step(name: str) -> int | None:
@@ -64,13 +77,8 @@ def incomplete_reason(directory: str) -> str | None:
     files = record.get("files") if isinstance(record, dict) else None
     if not isinstance(files, dict) or STATE_NAME not in files:
         return f"its {COMPLETE_NAME} lists no {STATE_NAME}"
-    for name, size in files.items():
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            return f"{name} is missing"
-        if os.path.getsize(path) != size:
-            return f"{name} is {os.path.getsize(path)} bytes, {size} when it was saved"
-    return None
+    missing = [name for name in files if not os.path.isfile(os.path.join(directory, name))]
+    return f"{', '.join(missing[:3])} missing" if missing else None
 
 
 def survey_checkpoints(output_dir: str) -> tuple[str | None, list[tuple[str, str]]]:

@@ -42,7 +42,7 @@ from .distributed import routing_log
 from .model_card import render_model_card
 from .output_dir import card_is_free, remove_incomplete
 from .progress import REPLACES, TrainingProgress
-from .run_checkpoints import mark_complete
+from .run_checkpoints import CheckpointSaveError, last_complete_checkpoint, mark_complete, save_failure
 
 
 def _perft_model(model):
@@ -152,6 +152,14 @@ class PerftSFTTrainer(SFTTrainer):
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as err:
+            if not save_failure(err):
+                raise
+            last = last_complete_checkpoint(run_dir)
+            raise CheckpointSaveError(
+                f"could not write {folder} ({err}); " + (f"the last complete checkpoint is {last}: free space on the "
+                "disk and continue with --resume" if last else "no checkpoint is complete: free space and start again")
+            ) from err
         finally:
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every rank's RNG state is written
