@@ -32,7 +32,7 @@ from ..errors import UsageError
 from ..method.adapters import TRAINING_NAME
 from ..method.checkpoint import CARD_NAME, CONFIG_NAME, LEGACY_CONFIG_NAME, WEIGHTS_NAME
 from .demo_base import MANIFEST, demo_base_dir
-from .run_checkpoints import COMPLETE_NAME, STATE_NAME, checkpoint_dirs, checkpoint_step, incomplete_reason
+from .run_checkpoints import COMPLETE_NAME, STATE_NAME, checkpoint_step, incomplete_reason
 
 ADAPTER_FILES = {CONFIG_NAME, LEGACY_CONFIG_NAME, WEIGHTS_NAME, CARD_NAME}
 RUN_FILES = ADAPTER_FILES | {
