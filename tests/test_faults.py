@@ -5,7 +5,8 @@ byte, and that ``--resume`` then reaches the uninterrupted run's final adapter, 
 One tiny ``--demo`` run (2 steps, a checkpoint each step) is the uninterrupted run. Just before its second
 checkpoint is saved, it forks: each child copies the output directory as it is at that moment, moves into the
 copy and goes on saving there, with an audit hook (``sys.addaudithook``: no code of the package changes) that
-counts its file operations in the copy (a file opened for writing, a rename, a directory made or removed) and
+counts its file operations in the copy (a file opened for writing, a rename, a directory made or removed; torch's
+and safetensors' writers, which open their files in C++, are wrapped in the child to announce theirs) and
 SIGKILLs the child at the Nth; the first child counts them without killing. The parent then finishes, and each
 copy is resumed with ``--resume``.
 """
@@ -173,8 +174,9 @@ def faults(tmp_path_factory):
     with open(DEMO_PRESETS["data"]) as handle:
         data.write_text(json.dumps(json.load(handle)[:16]))
     ARGS[:] = [*COMMON, "--data", str(data)]
-    parent, cwd = os.getpid(), os.getcwd()
+    parent, cwd, threads = os.getpid(), os.getcwd(), torch.get_num_threads()
     fork, second = ForkBeforeSave(str(root)), SecondStart()
+    torch.set_num_threads(1)  # no OpenMP pool for the forked children to inherit half-alive
     os.chdir(root)
     try:
         (root / RUN).mkdir()
@@ -189,6 +191,7 @@ def faults(tmp_path_factory):
         if os.getpid() != parent:
             fork.end_child(None)
         os.chdir(cwd)
+        torch.set_num_threads(threads)
     return root, trainer, fork, second
 
 
