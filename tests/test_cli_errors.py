@@ -179,6 +179,7 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(train_argv, tmp_path, monk
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("interrupted")]
     assert exit_info.value.code == 130 and lines == [lines[0]] and "no checkpoint written yet" in lines[0]
     (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoint-3" / "trainer_state.json").write_text("{}")  # complete: its last file is in
     with pytest.raises(SystemExit):
         train.main(train_argv("--resume"))
     err = capsys.readouterr().err

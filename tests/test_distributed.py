@@ -37,7 +37,7 @@ FSDP_ON_CPU = os.path.join(REPO, "tests", "fsdp_on_cpu.py")  # accelerate's FSDP
 STEPS = 4
 # One adapter and optimizer (rank 0), one RNG state per rank, nothing left over from a second writer.
 CHECKPOINT_FILES = {"README.md", "perft_config.json", WEIGHTS_NAME, "optimizer.pt", "scheduler.pt", "trainer_state.json",
-                    "rng_state_0.pth", "rng_state_1.pth"}
+                    "rng_state_0.pth", "rng_state_1.pth", "checkpoint_complete.json"}  # the last, once both ranks' are in
 
 
 def equal_length_rows(path) -> str:

@@ -122,7 +122,7 @@ def save_adapter(model, directory: str, extra_metadata: dict | None = None, mode
             with open(os.path.join(staging, CARD_NAME), "w", encoding="utf-8") as f:
                 f.write(model_card)
         if os.path.exists(directory):
-            retired = tempfile.mkdtemp(prefix=".adapter-old-", dir=parent)
+            retired = tempfile.mkdtemp(prefix=f".adapter-old-{os.path.basename(directory)}-", dir=parent)  # the name: see training/output_dir.py
             old = os.path.join(retired, "old")
             os.replace(directory, old)
             try:

@@ -1,7 +1,8 @@
 """The adapter's model card (``README.md``): what was trained, on what, how well, and how to load it.
 
 ``PerftSFTTrainer`` writes it instead of TRL's automatic card (whose base model reads ``None`` for a local
-model): into ``--output-dir`` and beside every saved PERFT adapter.
+model): beside every saved PERFT adapter, and into ``--output-dir`` unless a ``README.md`` of the user's is there
+(``output_dir.card_is_free``).
 """
 
 from __future__ import annotations

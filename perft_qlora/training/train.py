@@ -17,15 +17,12 @@ the shipped pre-trained base is copied to ``<output-dir>/base/`` and a before/af
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
 import sys
 
 import torch
 from transformers import TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..cli import error_path
 from ..errors import UsageError
@@ -45,7 +42,10 @@ from .demo_base import demo_base_dir
 from .distributed import expert_shard, is_main_process, launch_engine, load_device, main_process_first, prepare_ranks
 from .guard_rails import cpu_threads, mask_warning, schedule_warning
 from .loss_mask import marked_example, token_labels
+from .output_dir import card_is_free, clean_leftovers, earlier_outputs, names, start_over
 from .packing import check_packing, check_packing_backend
+from .run_checkpoints import incomplete_reason, last_complete_checkpoint, survey_checkpoints
+from .run_lock import run_lock
 from .train_checks import check_against_model, check_offload, check_output_dir, check_schedule, expert_budget_gib
 from .train_options import TrainOptions, make_perft_config, make_sft_config, parse_args
 from .trainer import PerftSFTTrainer
@@ -54,57 +54,52 @@ DEMO_MARKER = ".perft-qlora-demo"
 """Written into ``--output-dir`` by ``--demo``: a later ``--demo`` may start over only where it finds it."""
 
 
-def previous_outputs(options: TrainOptions) -> list[str]:
-    """What an earlier run wrote into ``--output-dir`` that this run would replace: checkpoints, the adapter and,
-    for ``--demo`` (which writes its tiny base model there), ``base/``."""
-    found = sorted(glob.glob(os.path.join(options.output_dir, "checkpoint-*")))
-    replaced = [os.path.join(options.output_dir, "adapter")] + ([options.model] if options.demo_base else [])
-    return found + [path for path in replaced if os.path.isdir(path)]
-
-
 def say(text: str) -> None:
     """Print to stderr on the first rank only (every rank runs this script under ``accelerate launch``)."""
     if is_main_process():
         print(text, file=sys.stderr)
 
 
-def _names(paths: list[str]) -> str:
-    names = [os.path.basename(p) + "/" for p in paths]
-    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-
-
-def start_over(options: TrainOptions, earlier: list[str]) -> None:
-    """Remove an earlier run's checkpoints and adapter, saying so; only with --overwrite or in a --demo directory."""
-    demo_dir = options.demo and os.path.isfile(os.path.join(options.output_dir, DEMO_MARKER))
-    if not (options.overwrite or demo_dir):
-        hint = " (it was not written by --demo)" if options.demo else ""
-        raise UsageError(
-            f"{options.output_dir} already holds an earlier run ({_names(earlier)}){hint}; pass --resume to continue "
-            "it, --overwrite to delete those and start over, or another --output-dir"
-        )
-    why = "--overwrite" if options.overwrite else "--demo (a previous demo run)"
-    print(f"{why}: removing {_names(earlier)} from {options.output_dir}", file=sys.stderr)
-    for directory in earlier:  # nothing else in the directory is touched
-        shutil.rmtree(directory)
-
-
 def resolve_resume(options: TrainOptions, remove: bool = True) -> str | None:
-    """The checkpoint to resume from, or None; an earlier run's outputs go only as ``start_over`` allows.
+    """The checkpoint to resume from, or None; an earlier run's outputs go only with --overwrite or in a --demo
+    directory, and only what a run of ours wrote (``output_dir.py``).
 
     ``remove=False`` (every rank but the first under data parallel) decides the same but deletes nothing: by the
     time it looks, rank 0 has already started over and written this run's files."""
     check_output_dir(options.output_dir)
+    earlier = earlier_outputs(options.output_dir, options.demo_base)  # refuses what is not ours, touching nothing
+    if remove:
+        for line in clean_leftovers(options.output_dir):
+            say(f"{options.output_dir}: {line}")
+        if not card_is_free(options.output_dir):
+            say(f"{options.output_dir}/README.md is not a model card of ours: it is kept, and the card is written "
+                "to adapter/README.md only")
     if options.resume is None:
-        earlier = previous_outputs(options)
         if earlier and remove:
-            start_over(options, earlier)
+            demo_dir = options.demo and os.path.isfile(os.path.join(options.output_dir, DEMO_MARKER))
+            if not (options.overwrite or demo_dir):
+                hint = " (it was not written by --demo)" if options.demo else ""
+                raise UsageError(
+                    f"{options.output_dir} already holds an earlier run ({names(earlier)}){hint}; pass --resume to "
+                    "continue it, --overwrite to delete those and start over, or another --output-dir"
+                )
+            start_over(options.output_dir, earlier, "--overwrite" if options.overwrite else "--demo (a previous demo run)")
         return None
+    last, skipped = survey_checkpoints(options.output_dir)
     if options.resume != "last":
         if not os.path.isdir(options.resume):
             raise UsageError(f"--resume {options.resume}: no such checkpoint directory")
+        reason = incomplete_reason(options.resume)
+        if reason is not None:
+            raise UsageError(f"--resume {options.resume}: an incomplete checkpoint ({reason}); pass --resume alone "
+                             "to continue from the last complete one" + (f" ({last})" if last else ""))
         return options.resume
-    last = get_last_checkpoint(options.output_dir) if os.path.isdir(options.output_dir) else None
+    for directory, reason in skipped:
+        say(f"--resume: skipping {directory}, incomplete ({reason}); training writes it again at its step")
     if last is None:
+        if skipped:
+            raise UsageError(f"--resume: no complete checkpoint in {options.output_dir} ({names([d for d, _ in skipped])} "
+                             "did not finish saving); leave out --resume and pass --overwrite to start over")
         raise UsageError(f"--resume: no checkpoint-* directory in {options.output_dir} to continue from; "
                          "leave out --resume to start a new run")
     return last
@@ -119,7 +114,7 @@ def mark_demo_dir(output_dir: str) -> None:
 
 def interrupted_message(options: TrainOptions) -> str:
     """What a Ctrl-C leaves behind and how to continue."""
-    last = get_last_checkpoint(options.output_dir) if os.path.isdir(options.output_dir) else None
+    last = last_complete_checkpoint(options.output_dir)
     if last is None:
         return (f"no checkpoint written yet (one every {options.save_steps} steps in {options.output_dir}); "
                 "nothing to resume, run the command again to start over")
@@ -148,6 +143,13 @@ def run(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -
         check_packing_backend(options.backend)
     if options.chat_template is not None:
         read_chat_template(options.chat_template)  # a missing file or bad Jinja fails before anything is written
+    check_output_dir(options.output_dir)  # a file, or no writable parent, before the lock creates the directory
+    with run_lock(options.output_dir, enabled=is_main_process(), report=say):  # one run per directory; writable
+        return _run_locked(options, callbacks, backend, perft_config)
+
+
+def _run_locked(options: TrainOptions, callbacks, backend, perft_config: PerftConfig | None) -> PerftSFTTrainer:
+    """``run`` once it holds ``--output-dir`` (rank 0 holds the lock)."""
     set_seed(options.seed)
     with main_process_first():  # rank 0 removes old checkpoints and writes the demo base before others look
         resume = resolve_resume(options, remove=is_main_process())

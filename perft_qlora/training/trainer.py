@@ -28,6 +28,7 @@ import time
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
 
 from ..atomic import write_text
@@ -39,7 +40,9 @@ from ..method.model import balance_loss_coef, parameter_report
 from ..quant.memory import peak_memory_bytes
 from .distributed import routing_log
 from .model_card import render_model_card
+from .output_dir import card_is_free, remove_incomplete
 from .progress import REPLACES, TrainingProgress
+from .run_checkpoints import CheckpointSaveError, last_complete_checkpoint, mark_complete, save_failure
 
 
 def _perft_model(model):
@@ -137,6 +140,34 @@ class PerftSFTTrainer(SFTTrainer):
         # The Trainer's FSDP branch would gather the whole model, 4-bit storage included, onto rank 0.
         self._save(output_dir or self.args.output_dir)
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, made complete only by its last file (``run_checkpoints.mark_complete``, once
+        every rank's files are in); an incomplete one left at this step by a killed run is replaced, and older
+        checkpoints are rotated out only after the new one is complete."""
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            remove_incomplete(folder)
+        self.accelerator.wait_for_everyone()
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as err:
+            if not save_failure(err):
+                raise
+            last = last_complete_checkpoint(run_dir)
+            raise CheckpointSaveError(
+                f"could not write {folder} ({err}); " + (f"the last complete checkpoint is {last}: free space on the "
+                "disk and continue with --resume" if last else "no checkpoint is complete: free space and start again")
+            ) from err
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's RNG state is written
+        if self.args.should_save:
+            mark_complete(folder)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         perft = _perft_model(self.model)
         if perft is None:  # the peft LoRA baseline: peft's adapter files (the Trainer), plus our training record
@@ -188,8 +219,9 @@ class PerftSFTTrainer(SFTTrainer):
                 "best_eval_loss": self.state.best_metric}
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None) -> None:
-        """Our card (model_card.py) in ``output_dir``, instead of TRL's (which names a local base model ``None``)."""
-        if not self.is_world_process_zero():
+        """Our card (model_card.py) in ``output_dir``, instead of TRL's (which names a local base model ``None``);
+        never over a ``README.md`` of the user's (``output_dir.card_is_free``)."""
+        if not self.is_world_process_zero() or not card_is_free(self.args.output_dir):
             return
         perft = _perft_model(self.model)
         report = parameter_report(perft) if perft is not None else None  # LoRA: peft writes its own card too
