@@ -41,6 +41,7 @@ from .baseline import attach_lora_baseline
 from .data import count_truncated, split_validation, to_prompt_completion
 from .demo import prepare_demo_base, run_demo
 from .distributed import expert_shard, is_main_process, launch_engine, load_device, main_process_first, prepare_ranks
+from .resume_checks import check_resume_checkpoint
 from .train_checks import check_against_model, check_offload, check_output_dir, check_schedule, expert_budget_gib
 from .train_options import TrainOptions, make_perft_config, make_sft_config, parse_args
 from .trainer import PerftSFTTrainer
@@ -148,6 +149,8 @@ def run(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -
             prepare_demo_base(options.output_dir)  # into options.model
     base_config = model_config(options.model, options.revision)
     check_against_model(options, base_config)
+    if resume is not None:  # its files and its fit with this run, before the model loads
+        check_resume_checkpoint(resume, base_config, perft_config)
     budget = expert_budget_gib(options, base_config)
     records = read_records(options.data, required=("instruction", "output"), split=options.data_split)
     say(records.report())
