@@ -263,7 +263,7 @@ def _damage(checkpoint, how: str) -> None:
 
 RESUME_CASES = [  # (damage, extra options on the resuming command, expected text)
     ("truncated state", [], "trainer_state.json is damaged"),
-    ("optimizer holds code", [], "optimizer.pt holds code, not tensors (it calls print): refused"),
+    ("optimizer holds code", [], "optimizer.pt holds code, not tensors (it would call print): refused"),
     ("rng state holds code", [], "rng_state.pth holds code, not tensors"),
     ("truncated optimizer", [], "optimizer.pt is damaged"),
     ("billion-experts adapter", [], "the config makes it (1000000000, 8, 64)"),

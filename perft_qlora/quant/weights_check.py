@@ -29,7 +29,7 @@ def _header_shapes(directory: str) -> dict[str, tuple[int, ...]] | None:
         return None
     try:
         with CheckpointReader(directory) as reader:
-            return {key: reader.entry(key).shape for key in reader.keys()}
+            return {key: reader.entry(key).shape for key in reader.keys()}  # noqa: SIM118 -- a reader, not a dict
     except (ValueError, KeyError, TypeError, OSError) as error:  # a header that is not JSON, a short file, ...
         if isinstance(error, FileNotFoundError):
             raise

@@ -44,7 +44,7 @@ def _config_value(key: str, value, action: argparse.Action, path: str):
         if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
             raise wrong("a list of integers (or \"0,1\")" if item is int else "a list of names (or \"a,b\")")
         return value
-    if isinstance(value, (list, dict)) or (isinstance(value, bool) and action.type is not None):
+    if isinstance(value, (list, dict, bool)):
         raise wrong({int: "an integer", float: "a number"}.get(action.type, "a single value"))
     if action.type is int and isinstance(value, float):
         raise wrong("an integer")

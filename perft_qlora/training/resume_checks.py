@@ -45,7 +45,7 @@ def load_tensor_file(path: str, fix: str = "delete the file and resume from an e
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # torch's text advises weights_only=False: never repeat it
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        what = f" (it calls {found.group(1)})" if found else ""
+        what = f" (it would call {found.group(1)})" if found else ""
         raise UsageError(f"{path} holds code, not tensors{what}: refused; it was not written by this trainer, so "
                          f"{fix}") from None
     except (EOFError, RuntimeError, ValueError, OSError) as error:  # truncated zip, not a torch file

@@ -20,7 +20,7 @@ from ..errors import UsageError
 from ..formats.demo_data import demo_data_path
 from ..method.config import DEFAULT_NUM_EXPERTS, DEFAULT_TOP_K, PerftConfig, default_shape
 from .distributed import per_rank_batch_size, rank_device
-from .option_values import int_list, str_list, check_numbers, read_config_file
+from .option_values import check_numbers, int_list, read_config_file, str_list
 
 VARIANT_CHOICES = ("perft", "perft_e", "perft_d", "perft_s", "lora")
 
