@@ -201,7 +201,7 @@ def _lying(adapter, tmp_path, how: str) -> str:
 
 
 LIES = [("billion-experts", "the config makes it (1000000000, 4, 64)"), ("wider-bottleneck", "the config makes it (2, 64, 64)"),
-        ("mixed-dtypes", "holds tensors of ['BF16', 'F32']")]
+        ("mixed-dtypes", "holds layer 0's tensors in ['BF16', 'F32']")]
 
 
 @pytest.mark.parametrize("how, expected", LIES, ids=[c[0] for c in LIES])

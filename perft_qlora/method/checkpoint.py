@@ -249,7 +249,7 @@ _FLOAT_DTYPES = {"F32", "BF16", "F16"}
 def check_adapter_header(directory: str, metadata: dict) -> None:
     """The adapter's config against its weights' safetensors header, before anything is built: the same tensor
     names, each of the shape the config makes it (so a config claiming 10^9 experts ends here, not in an
-    allocation), and one floating dtype throughout."""
+    allocation), and one floating dtype per layer (an adapter is built in one dtype per layer)."""
     path = os.path.join(directory, WEIGHTS_NAME)
     try:
         with open(path, "rb") as handle:
@@ -270,10 +270,11 @@ def check_adapter_header(directory: str, metadata: dict) -> None:
         if not isinstance(found, list) or tuple(found) != shape:
             shown = tuple(found) if isinstance(found, list) else found
             raise AdapterError(f"{key} has shape {shown} in {path}, the config makes it {shape}; {fix}")
-    dtypes = {entry.get("dtype") if isinstance(entry, dict) else None for entry in header.values()}
-    if len(dtypes) != 1 or not dtypes <= _FLOAT_DTYPES:
-        raise AdapterError(f"{path} holds tensors of {sorted(map(str, dtypes))}, one of {sorted(_FLOAT_DTYPES)} "
-                           f"expected; {fix}")
+    for layer in sorted({key.split(".")[1] for key in expected}, key=int):  # a layer's tensors share one dtype
+        dtypes = {str(header[key].get("dtype")) for key in expected if key.split(".")[1] == layer}
+        if len(dtypes) != 1 or not dtypes <= _FLOAT_DTYPES:
+            raise AdapterError(f"{path} holds layer {layer}'s tensors in {sorted(dtypes)}, one of "
+                               f"{sorted(_FLOAT_DTYPES)} expected; {fix}")
 
 
 def _check_compatible_config(base_config, metadata: dict, directory: str) -> None:
