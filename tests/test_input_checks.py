@@ -320,3 +320,16 @@ def test_an_error_during_training_is_the_last_line_after_the_progress_bar(tiny_c
     assert lines[-1] == "error: disk full while training (test)", lines[-3:]
     assert sum("error:" in line for line in lines) == 1
     assert not list(getattr(tqdm, "_instances", ())), "a bar left open is redrawn after the error"
+
+
+def test_the_apps_command_line_adapters_are_checked_before_the_base_loads(adapter, tiny_checkpoint, tmp_path):
+    from transformers import AutoConfig
+
+    from perft_qlora.app import check_adapters
+
+    lying = _lying(adapter, tmp_path, "billion-experts")
+    usable, errors = check_adapters({"good": adapter, "liar": lying},
+                                    AutoConfig.from_pretrained(tiny_checkpoint("olmoe")))
+    assert usable == {"good": adapter} and "the config makes it (1000000000, 4, 64)" in errors["liar"]
+    usable, errors = check_adapters({"good": adapter}, AutoConfig.from_pretrained(tiny_checkpoint("qwen3_moe")))
+    assert not usable and "was trained for model_type='olmoe'" in errors["good"]
