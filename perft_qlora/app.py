@@ -348,6 +348,22 @@ def main(argv: list[str] | None = None) -> None:
         serve(args)
 
 
+def check_adapters(adapters: dict[str, str], config) -> tuple[dict[str, str], dict[str, str]]:
+    """``(usable, name -> error)``: each ``--adapter`` against its own safetensors header and, given the base's
+    ``config`` (its ``config.json``), that base, before the base loads; the app starts without the others."""
+    from perft_qlora.errors import PerftQloraError
+    from perft_qlora.serving.generate import check_adapter
+
+    usable, errors = {}, {}
+    for name, directory in adapters.items():
+        try:
+            check_adapter(directory, config)
+            usable[name] = directory
+        except PerftQloraError as err:
+            errors[name] = str(err)
+    return usable, errors
+
+
 def serve(args: argparse.Namespace) -> None:
     from perft_qlora.quant.model_config import is_local_path, model_config
 
@@ -357,10 +373,10 @@ def serve(args: argparse.Namespace) -> None:
         adapters, device = {**demo_adapters, **adapters}, args.device or "cpu"
     else:
         base, device = args.model, args.device
-    if is_local_path(base):
-        model_config(base)  # no config.json, not a MoE family: one error line, before loading
+    config = model_config(base) if is_local_path(base) else None  # no config.json, not a MoE family: one line
+    adapters, early = check_adapters(adapters, config)
     chat = ChatModel.load(base, device=device)
-    errors = chat.register_many(adapters)
+    errors = {**early, **chat.register_many(adapters)}
     for name, err in errors.items():
         print(f"warning: adapter {name!r} not loaded: {err}", file=sys.stderr)
     examples = None

@@ -4,6 +4,7 @@
   safetensors, a hub name that does not resolve, out of memory) end as one line, ``error: <what and the fix>``,
   and exit status 1. ``--debug`` or ``PERFT_QLORA_DEBUG=1`` re-raises them with the traceback instead.
 - Ctrl-C ends as one line saying what was saved and how to resume (exit status 130).
+- Either line is printed after every open progress bar is closed (``close_progress_bars``), so it is the last line.
 - ``quiet_library_notices()``, called by each ``python -m`` entry point's ``main()`` before it imports the
   command (and so bitsandbytes), filters bitsandbytes' import-time notice "Failed to load CPU gemm_4bit_forward
   from kernels-community ..." (an optional CPU kernel package; the fallback it uses is what we test against)
@@ -28,7 +29,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from .errors import PerftQloraError
 
@@ -110,6 +111,16 @@ def one_line(error: BaseException) -> str:
     return text
 
 
+def close_progress_bars() -> None:
+    """Close every open tqdm bar (training's, the loader's), so that the line printed next starts on a line of its
+    own and stays the last one: a bar left open is redrawn after it when it is garbage-collected. tqdm is looked
+    up, not imported: a command that drew no bar has none to close."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        with suppress(Exception):  # a bar that cannot redraw must not hide the error being reported
+            bar.close()
+
+
 @contextmanager
 def error_path(debug: bool = False, on_interrupt: Callable[[], str] | None = None) -> Iterator[None]:
     """Turn expected errors into ``error: …`` + exit 1 and Ctrl-C into one line + exit 130 (see module doc)."""
@@ -119,10 +130,12 @@ def error_path(debug: bool = False, on_interrupt: Callable[[], str] | None = Non
         if debug_requested(debug):
             raise
         saved = on_interrupt() if on_interrupt is not None else "nothing was saved"
+        close_progress_bars()
         print(f"\ninterrupted: {saved}", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as error:
         if debug_requested(debug) or not isinstance(error, _expected_errors()):
             raise
+        close_progress_bars()  # the error is the last line, not glued to a bar that is then redrawn
         print(f"error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -183,6 +183,56 @@ def test_perft_router_gates_like_the_family(tiny_nf4, family):
     torch.testing.assert_close(routing.weights, weights, rtol=1e-6, atol=1e-6)
 
 
+def _sigmoid_family_delta(config, router_weight, down, up, scaling, h, top_k):
+    """The PERFT branch token by token, written from the DeepSeek-V3 / GLM-4.5 router's definition
+    (transformers' ``DeepseekV3TopkRouter`` / ``DeepseekV3MoE.route_tokens_to_experts``): independent sigmoid
+    scores, top-K', divided by their sum when ``norm_topk_prob`` (no score bias or expert groups: those belong to
+    the base's N experts, not to the M PEFT experts). Plain float32 torch, none of the package's code."""
+    out = torch.zeros(h.shape[0], h.shape[1])
+    for t in range(h.shape[0]):
+        u = h[t].float()
+        scores = 1.0 / (1.0 + torch.exp(-(router_weight.float() @ u)))  # sigmoid, written out
+        chosen = sorted(range(scores.numel()), key=lambda j: -scores[j].item())[:top_k]
+        weights = [scores[j] for j in chosen]
+        if config.norm_topk_prob:
+            total = sum(weights)
+            weights = [w / total for w in weights]
+        for w, j in zip(weights, chosen):
+            out[t] += w * scaling * (up[j].float() @ (down[j].float() @ u))
+    return out
+
+
+@pytest.mark.parametrize("family", SIGMOID)
+def test_perft_on_a_sigmoid_family_matches_the_familys_per_token_definition(tiny_nf4, family, token_batch):
+    """In a whole forward, each MoE block's PERFT branch (block output minus the frozen block's) equals the
+    per-token computation above; a router scoring these families by softmax fails here (tests/mutation)."""
+    model, _ = tiny_nf4(family)
+    attach_perft(model, PerftConfig(variant="perft", num_experts=6, top_k=3, dropout=0.0), dtype=torch.float32)
+    _randomize_adapters(model)
+    model.eval()
+    seen = {}
+    for i, block in iter_perft_blocks(model):
+        block.register_forward_hook(lambda _m, args, out, i=i: seen.__setitem__(("in", i), args[0]) or
+                                    seen.__setitem__(("out", i), out))
+        block.base.register_forward_hook(lambda _m, _a, out, i=i: seen.__setitem__(("base", i), out))
+    ids, mask = token_batch
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert model.config.norm_topk_prob  # the tiny configs renormalise, like Moonlight and GLM-4.5
+    blocks = dict(iter_perft_blocks(model))
+    assert blocks
+    for i, block in blocks.items():
+        h = seen[("in", i)].reshape(-1, seen[("in", i)].shape[-1])
+        base = seen[("base", i)]
+        base = (base[0] if isinstance(base, tuple) else base).reshape(h.shape)
+        delta = (seen[("out", i)].reshape(h.shape).float() - base.float())
+        experts = block.perft_experts
+        expected = _sigmoid_family_delta(model.config, block.perft_router.weight, experts.down, experts.up,
+                                         experts.scaling, h, top_k=3)
+        assert expected.abs().max() > 0.1  # the adapters do something
+        torch.testing.assert_close(delta, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_works_and_matches_the_base_at_init(tiny_nf4, family, token_batch):
     model, tokenizer = tiny_nf4(family)

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from ..method.adapters import adapter_kind
-from ..method.checkpoint import WEIGHTS_NAME, AdapterError, fingerprint_mismatches, load_adapter, read_adapter_config
+from ..method.checkpoint import (
+    WEIGHTS_NAME,
+    AdapterError,
+    fingerprint_mismatches,
+    load_adapter,
+    read_adapter_config,
+    verify_adapter_files,
+)
 from ..method.model import detach_perft
 from ..quant.arch import get_arch
 from .geometry import (
@@ -66,6 +73,7 @@ def read_adapter_spec(name: str, directory: str, config) -> AdapterSpec:
                            f"this base has {found}")
     if not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
         raise AdapterError(f"adapter {name}: {directory} has no {WEIGHTS_NAME}")
+    verify_adapter_files(directory)  # complete, and the config's sizes are the tensors' (no report of false sizes)
     return AdapterSpec(name, os.path.abspath(directory), metadata)
 
 

@@ -25,6 +25,7 @@ from ..errors import PerftQloraError
 from ..quant.arch import get_arch
 from .config import PerftConfig
 from .model import attach_perft, detach_perft, iter_perft_blocks
+from .variants import VARIANTS, BlockFacts
 
 CONFIG_NAME = "perft_config.json"
 LEGACY_CONFIG_NAME = "adapter_config.json"  # PERFT adapters saved before the rename; also peft's own config
@@ -195,16 +196,95 @@ def verify_safetensors(path: str) -> None:
                            f"says {expected}; re-save or re-copy the adapter")
 
 
-def verify_adapter_files(directory: str) -> dict:
-    """Pre-load check of a PERFT adapter directory: config (format, ``perft`` section) and weights file.
+def verify_adapter_files(directory: str, base_config=None) -> dict:
+    """Pre-load check of a PERFT adapter directory: config (format, ``perft`` section), weights file (complete,
+    and every tensor's shape and dtype in its header as the config makes them: :func:`check_adapter_header`)
+    and, given the base model's ``base_config`` (its ``config.json``), the fit with that base. Reads no tensor.
     Returns the metadata."""
     metadata = read_adapter_config(directory)
+    if base_config is not None:
+        _check_compatible_config(base_config, metadata, directory)
+    _perft_section(metadata, directory)
+    verify_safetensors(os.path.join(directory, WEIGHTS_NAME))
+    check_adapter_header(directory, metadata)
+    return metadata
+
+
+def _perft_section(metadata: dict, directory: str) -> PerftConfig:
     try:
-        PerftConfig.from_dict(metadata["perft"])
+        return PerftConfig.from_dict(metadata["perft"])
     except (KeyError, TypeError, ValueError) as err:
         raise AdapterError(f"{directory}/{CONFIG_NAME} has an invalid 'perft' section: {err}") from err
-    verify_safetensors(os.path.join(directory, WEIGHTS_NAME))
-    return metadata
+
+
+def expected_adapter_tensors(metadata: dict, directory: str = "the adapter") -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor an adapter with this ``perft_config.json`` holds, from the config alone: per
+    adapted layer, the experts' ``down`` (M, DB, D) and ``up`` (M, D, DB), and PERFT's router (M, D)."""
+    config = _perft_section(metadata, directory)
+    sizes = {key: metadata.get(key) for key in ("hidden_size", "num_experts")}
+    layers = metadata.get("layers")
+    bad = [k for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+    if bad or not isinstance(layers, list) or not all(isinstance(i, int) and i >= 0 for i in layers):
+        what = ", ".join(bad) if bad else "layers"
+        raise AdapterError(f"{directory}/{CONFIG_NAME} has an invalid {what} ({sizes if bad else layers}); "
+                           "re-save or re-copy the adapter")
+    block = BlockFacts(hidden_size=sizes["hidden_size"], num_experts=sizes["num_experts"], top_k=1, renormalizes=False)
+    try:
+        m = VARIANTS[config.variant].num_experts(config, block)
+    except ValueError as err:
+        raise AdapterError(f"{directory}/{CONFIG_NAME}: {err}") from err
+    d, r = sizes["hidden_size"], config.bottleneck
+    shapes = {}
+    for i in layers:
+        shapes[f"layers.{i}.perft_experts.down"] = (m, r, d)
+        shapes[f"layers.{i}.perft_experts.up"] = (m, d, r)
+        if config.variant == "perft":
+            shapes[f"layers.{i}.perft_router.weight"] = (m, d)
+    return shapes
+
+
+_FLOAT_DTYPES = {"F32", "BF16", "F16"}
+
+
+def check_adapter_header(directory: str, metadata: dict) -> None:
+    """The adapter's config against its weights' safetensors header, before anything is built: the same tensor
+    names, each of the shape the config makes it (so a config claiming 10^9 experts ends here, not in an
+    allocation), and one floating dtype per layer (an adapter is built in one dtype per layer)."""
+    path = os.path.join(directory, WEIGHTS_NAME)
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if length > os.path.getsize(path) - 8:
+                raise ValueError(f"its header length {length} is past the end of the file")
+            header = json.loads(handle.read(length))
+        header.pop("__metadata__", None)
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError) as err:
+        raise AdapterError(f"{path} is corrupt: {err}; re-save or re-copy the adapter") from err
+    expected = expected_adapter_tensors(metadata, directory)
+    fix = f"{CONFIG_NAME} and {WEIGHTS_NAME} in {directory} disagree; re-save or re-copy the adapter (both files)"
+    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise AdapterError(f"{path} does not match: missing {missing[:4]}, unexpected {unexpected[:4]}; {fix}")
+    for key, shape in expected.items():
+        found = header[key].get("shape") if isinstance(header[key], dict) else None
+        if not isinstance(found, list) or tuple(found) != shape:
+            shown = tuple(found) if isinstance(found, list) else found
+            raise AdapterError(f"{key} has shape {shown} in {path}, the config makes it {shape}; {fix}")
+    for layer in sorted({key.split(".")[1] for key in expected}, key=int):  # a layer's tensors share one dtype
+        dtypes = {str(header[key].get("dtype")) for key in expected if key.split(".")[1] == layer}
+        if len(dtypes) != 1 or not dtypes <= _FLOAT_DTYPES:
+            raise AdapterError(f"{path} holds layer {layer}'s tensors in {sorted(dtypes)}, one of "
+                               f"{sorted(_FLOAT_DTYPES)} expected; {fix}")
+
+
+def _check_compatible_config(base_config, metadata: dict, directory: str) -> None:
+    """The adapter's recorded base (family, width, routed experts, layers) against the base's ``config.json``."""
+    wrong = fingerprint_mismatches(metadata, base_config)
+    if wrong:
+        trained = ", ".join(f"{k}={v[0]!r}" for k, v in wrong.items())
+        found = ", ".join(f"{k}={v[1]!r}" for k, v in wrong.items())
+        raise AdapterError(f"adapter {directory} was trained for {trained}, but the base model has {found}; "
+                           "pass the base model it was trained on")
 
 
 def _check_compatible(model, metadata: dict, directory: str) -> None:
@@ -220,13 +300,12 @@ def load_adapter(model, directory: str):
     """
     metadata = read_adapter_config(directory)
     _check_compatible(model, metadata, directory)
-    try:
-        config = PerftConfig.from_dict(metadata["perft"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise AdapterError(f"{directory}/{CONFIG_NAME} has an invalid 'perft' section: {err}") from err
+    config = _perft_section(metadata, directory)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(weights_path):
         raise AdapterError(f"{directory} has no {WEIGHTS_NAME}")
+    _check_layers(model, config, metadata, weights_path)
+    check_adapter_header(directory, metadata)  # sizes and dtypes before anything is attached or read
     try:
         state = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as err:
@@ -244,6 +323,16 @@ def load_adapter(model, directory: str):
             detach_perft(model)
         raise
     return model
+
+
+def _check_layers(model, config: PerftConfig, metadata: dict, weights_path: str) -> None:
+    """The layers the adapter covers against those it attaches to (or is attached to) here, before attaching."""
+    if getattr(model, "perft_config", None) is not None:
+        layers = [i for i, _ in iter_perft_blocks(model)]
+    else:
+        layers = config.layers if config.layers is not None else get_arch(model.config).moe_layers(model)
+    if list(layers) != metadata.get("layers"):
+        raise AdapterError(f"adapter {weights_path} covers layers {metadata.get('layers')}, the model has {list(layers)}")
 
 
 def _copy_weights(model, state: dict[str, torch.Tensor], metadata: dict, weights_path: str) -> None:

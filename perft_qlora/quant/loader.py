@@ -39,6 +39,7 @@ from .nf4_experts import NF4Experts
 from .nf4_quantize import NF4Stack
 from .quant_guard import disable_cpu_weight_repacking
 from .sharding import ExpertShard
+from .weights_check import check_weights_match_config
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ def load_model(
     config = AutoConfig.from_pretrained(directory)
     arch = get_arch(config)  # fail on unsupported families before touching weights
     _refuse_prequantized(config, name_or_path)
+    check_weights_match_config(directory, config, name_or_path)  # sizes against the headers, before any weight
     placement = _placement(config, arch, device, dtype, double_quant, quantize, offload_experts, expert_budget_gib,
                            experts_shard)
     tokenizer = load_tokenizer(directory)

@@ -44,6 +44,7 @@ from .guard_rails import cpu_threads, mask_warning, schedule_warning
 from .loss_mask import marked_example, token_labels
 from .output_dir import card_is_free, clean_leftovers, earlier_outputs, names, start_over
 from .packing import check_packing, check_packing_backend
+from .resume_checks import check_resume_checkpoint
 from .run_checkpoints import incomplete_reason, last_complete_checkpoint, survey_checkpoints
 from .run_lock import run_lock
 from .train_checks import check_against_model, check_offload, check_output_dir, check_schedule, expert_budget_gib
@@ -159,6 +160,8 @@ def _run_locked(options: TrainOptions, callbacks, backend, perft_config: PerftCo
             prepare_demo_base(options.output_dir)  # into options.model
     base_config = model_config(options.model, options.revision)
     check_against_model(options, base_config)
+    if resume is not None:  # its files and its fit with this run, before the model loads
+        check_resume_checkpoint(resume, base_config, perft_config)
     budget = expert_budget_gib(options, base_config)
     use_cpu_threads(options, base_config)
     prepared = prepare_data(options, options.model, say)

@@ -14,14 +14,15 @@ import os
 from ..errors import UsageError
 from ..quant.arch import get_arch
 from ..quant.footprint import other_weight_bytes
+from .option_values import check_numbers
 from .train_options import TrainOptions
 
 
 def check_schedule(options: TrainOptions) -> None:
-    """With held-out rows the best checkpoint is picked at evaluations, so checkpoints must fall on them."""
-    for option in ("eval_steps", "save_steps", "logging_steps"):
-        if getattr(options, option) < 1:
-            raise UsageError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(options, option)}")
+    """Every numeric option in its range (``option_values.NUMBER_RULES``: the command line checked them already,
+    a ``TrainOptions`` built in Python is checked here); with held-out rows the best checkpoint is picked at
+    evaluations, so checkpoints must fall on them."""
+    check_numbers(options)
     if options.val_size > 0 and options.save_steps % options.eval_steps:
         raise UsageError(
             f"--save-steps {options.save_steps} is not a multiple of --eval-steps {options.eval_steps}: with held-out "

@@ -11,7 +11,6 @@ is known (:func:`make_sft_config`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from ..formats.demo_data import demo_data_path
 from ..formats.detect import FORMATS
 from ..method.config import DEFAULT_NUM_EXPERTS, DEFAULT_TOP_K, PerftConfig, default_shape
 from .distributed import per_rank_batch_size, rank_device
+from .option_values import check_numbers, int_list, read_config_file, str_list
 
 VARIANT_CHOICES = ("perft", "perft_e", "perft_d", "perft_s", "lora")
 LOSS_CHOICES = ("auto", "all", "completion", "assistant")
@@ -128,14 +128,6 @@ class TrainOptions:
     without ``--model``); an earlier run's copy there is replaced like its checkpoints."""
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
-
-
-def _str_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m perft_qlora.train",
@@ -171,8 +163,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter-dropout", type=float, default=0.05, help="dropout on the adapter input")
     g.add_argument("--aux-loss-coef", type=float, default=None, help="PERFT router balance-loss weight (default: the recipe's, 0.01 OLMoE / 0.02 Mixtral)")
     g.add_argument("--base-aux-loss-coef", type=float, default=None, help="base router balance-loss weight (default: the recipe's, 0.01 OLMoE / 0.02 Mixtral)")
-    g.add_argument("--layers", type=_int_list, default=None, help="comma-separated decoder layers to adapt (default: all)")
-    g.add_argument("--lora-targets", type=_str_list, default=["q_proj", "k_proj", "v_proj", "o_proj"],
+    g.add_argument("--layers", type=int_list, default=None, help="comma-separated decoder layers to adapt (default: all)")
+    g.add_argument("--lora-targets", type=str_list, default=["q_proj", "k_proj", "v_proj", "o_proj"],
                    help="modules --variant lora adapts (default: q_proj,k_proj,v_proj,o_proj)")
     g.add_argument("--adapter-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="adapter weights; float32 master weights (compute follows the model) keep small updates")
@@ -226,7 +218,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-total-limit", type=int, default=3, help="checkpoints kept (the best one is always kept)")
     g.add_argument("--gradient-checkpointing", default=True, action=argparse.BooleanOptionalAction, help="recompute layers in backward")
     g.add_argument("--offload-activations", action="store_true", help="keep checkpointed activations in pinned CPU memory")
-    g.add_argument("--report-to", type=_str_list, default=["none"], help="Trainer integrations, e.g. tensorboard,wandb (default: none)")
+    g.add_argument("--report-to", type=str_list, default=["none"], help="Trainer integrations, e.g. tensorboard,wandb (default: none)")
     g.add_argument("--cpu-threads", type=int, default=None,
                    help="threads on a CPU (default: one per 256 hidden units, 1 for the demo's model)")
     g.add_argument("--backend", default="default", choices=("default", "unsloth"), help="unsloth: CUDA + Unsloth installed")
@@ -238,29 +230,6 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
-    if not os.path.isfile(path):
-        raise UsageError(f"config file {path} does not exist")
-    with open(path, encoding="utf-8") as handle:
-        if path.endswith(".json"):
-            values = json.load(handle)
-        else:
-            import yaml
-
-            values = yaml.safe_load(handle) or {}
-    if not isinstance(values, dict):
-        raise UsageError(f"{path} must hold a mapping of option names to values")
-    known = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
-    values = {key.replace("-", "_"): value for key, value in values.items()}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise UsageError(f"unknown option(s) in {path}: {', '.join(unknown)}; see --help for the names")
-    for key, value in values.items():  # list-valued options may be written as "a,b" in the file, like on the CLI
-        if isinstance(value, str) and known[key].type in (_int_list, _str_list):
-            values[key] = known[key].type(value)
-    return values
-
-
 def parse_args(argv: list[str] | None = None) -> TrainOptions:
     """The options, in rising precedence: defaults, ``--demo`` presets, ``--config`` file, command line;
     then :func:`resolve`d."""
@@ -269,13 +238,14 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
     if first.demo:
         parser.set_defaults(**DEMO_PRESETS)
     if first.config:
-        file_values = _read_config_file(first.config, parser)
+        file_values = read_config_file(first.config, parser)
         if file_values.get("demo") and not first.demo:
             parser.set_defaults(**DEMO_PRESETS)
         parser.set_defaults(**file_values)
     args = parser.parse_args(argv)
     if not args.demo and (args.model is None or args.data is None):
         parser.error("--model and --data are required (or pass --demo for the built-in tiny run)")
+    check_numbers(args)
     return resolve(args)
 
 

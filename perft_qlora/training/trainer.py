@@ -42,6 +42,7 @@ from .distributed import routing_log
 from .model_card import render_model_card
 from .output_dir import card_is_free, remove_incomplete
 from .progress import REPLACES, TrainingProgress
+from .resume_checks import load_tensor_file
 from .run_checkpoints import CheckpointSaveError, last_complete_checkpoint, mark_complete, save_failure
 
 
@@ -202,7 +203,7 @@ class PerftSFTTrainer(SFTTrainer):
         paths = [os.path.join(checkpoint, name) for name in (OPTIMIZER_NAME, SCHEDULER_NAME)]
         if not all(os.path.isfile(path) for path in paths):
             return
-        state, scheduler = (torch.load(path, map_location="cpu", weights_only=True) for path in paths)
+        state, scheduler = (load_tensor_file(path) for path in paths)  # a file holding code: one line, refused
         if not _keyed_by_name(state):  # the Trainer's own format: a checkpoint of perft_qlora before 2026-11-30
             if self.is_fsdp_enabled:
                 raise AdapterError(f"{checkpoint}/{OPTIMIZER_NAME} was written by an earlier perft_qlora (parameters "

@@ -32,6 +32,7 @@ ACCUMULATION = ("tests/test_trainer_accumulation.py",)
 ATOMIC = ("tests/test_checkpoint_atomic.py",)
 VARIANT_LOOP = ("tests/test_model.py", "-k", "per_token_loop or reuses_the_base")
 NO_GRAD = ("tests/test_kernels_nf4_mlp.py", "tests/test_kernels_adapter.py", "-k", "no_grad")
+SIGMOID_FAMILY = ("tests/test_families.py", "-k", "sigmoid_family")
 KERNEL_TRUTH = ("tests/test_kernels_adapter.py", "tests/test_kernels_nf4_mlp.py", "-k", "fp32_interpreter")
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -99,6 +100,12 @@ MUTATIONS: tuple[Mutation, ...] = (
          '"perft_s": Variant(num_experts=lambda c, b: 2, router=lambda c, b, m, dtype: DenseGate(2))', *VARIANT_LOOP),
     _one("scaling_ignores_the_bottleneck", "method/config.py",
          "return self.alpha / self.bottleneck", "return self.alpha", *VARIANT_LOOP),
+    # Sigmoid-scored families (DeepSeek-V3, GLM-4.5): the PERFT router scores like the family, checked against the
+    # family's own definition (not against GATING, which the first mutation changes too).
+    _one("sigmoid_family_router_scored_by_softmax", "method/routing.py",
+         '"sigmoid": torch.sigmoid,', '"sigmoid": lambda logits: torch.softmax(logits, dim=-1),', *SIGMOID_FAMILY),
+    _one("deepseek_gating_declared_softmax", "quant/arch.py",
+         'gating="sigmoid",', 'gating="softmax",', *SIGMOID_FAMILY),
     # Truths independent of the code under test.
     _one("routing_layout_bug_shared_by_reference_and_kernels", "kernels/sorting.py",
          "return ExpertSort(order, order // indices.shape[1], offsets)",
