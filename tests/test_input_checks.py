@@ -255,6 +255,8 @@ def _damage(checkpoint, how: str) -> None:
     elif how == "truncated optimizer":
         path = checkpoint / "optimizer.pt"
         path.write_bytes(path.read_bytes()[:100])
+    elif how == "garbage optimizer":
+        (checkpoint / "optimizer.pt").write_bytes(b"state")  # torch.load raises IndexError on these bytes
     elif how == "billion-experts adapter":
         meta = json.loads((checkpoint / CONFIG_NAME).read_text())
         meta["perft"]["num_experts"] = 10**9
@@ -266,6 +268,7 @@ RESUME_CASES = [  # (damage, extra options on the resuming command, expected tex
     ("optimizer holds code", [], "optimizer.pt holds code, not tensors (it would call print): refused"),
     ("rng state holds code", [], "rng_state.pth holds code, not tensors"),
     ("truncated optimizer", [], "optimizer.pt is damaged"),
+    ("garbage optimizer", [], "optimizer.pt is damaged"),
     ("billion-experts adapter", [], "the config makes it (1000000000, 8, 64)"),
     (None, [*SHAPE, "--bottleneck", "4"], "was trained with other adapter options than this run's (--bottleneck 8 -> 4"),
     (None, ["--variant", "perft_d", "--num-experts", "4"], "--variant perft -> perft_d"),

@@ -48,7 +48,7 @@ def load_tensor_file(path: str, fix: str = "delete the file and resume from an e
         what = f" (it would call {found.group(1)})" if found else ""
         raise UsageError(f"{path} holds code, not tensors{what}: refused; it was not written by this trainer, so "
                          f"{fix}") from None
-    except (EOFError, RuntimeError, ValueError, OSError) as error:  # truncated zip, not a torch file
+    except Exception as error:  # truncated zip, not a torch file: torch raises EOFError, RuntimeError, IndexError...
         detail = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
         raise UsageError(f"{path} is damaged ({detail}); {fix}") from None
 
