@@ -359,7 +359,9 @@ def test_train_loads_the_model_onto_the_rank_device(two_gpu_rank_1, monkeypatch,
     base_config = tmp_path / "base" / "config.json"
     save_tiny_model(str(tmp_path / "base"), "olmoe")  # what rank 0 wrote before rank 1 looks
     os.utime(base_config, (1, 1))
-    args = parse_args(["--demo", "--output-dir", str(tmp_path), "--device", "cuda"])
+    # --max-length: the tiny base's byte-level tokenizer makes the demo's prompts ~400 tokens, and rows whose
+    # response --max-length cuts away are dropped before loading
+    args = parse_args(["--demo", "--output-dir", str(tmp_path), "--device", "cuda", "--max-length", "512"])
     with pytest.raises(Loaded):
         train.run(args)
     assert loaded["device"] == "cuda:1" and args.device == "cuda:1"
