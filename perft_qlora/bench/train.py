@@ -315,6 +315,11 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def setup_runs(baselines: list[str], packing: bool) -> list[str]:
+    """The rows, in order: perft_qlora then each baseline, each followed by its packed run with ``--packing``."""
+    return [run for setup in ["perft_qlora", *baselines] for run in (setup, setup + PACKED)[:1 + packing]]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -331,8 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         print(json.dumps(run_setup(args.only, path, args)))
         return 0
-    setups = [run for setup in ["perft_qlora", *baselines] for run in (setup, setup + PACKED)[:1 + args.packing]]
-    rows = run_each_in_own_process("train", argv if argv is not None else sys.argv[1:], setups)
+    rows = run_each_in_own_process("train", argv if argv is not None else sys.argv[1:], setup_runs(baselines, args.packing))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     lengths = f"{args.seq}" if args.lengths is None else f"{args.lengths[0]}-{args.lengths[1]} (uniform)"
     print(f"{name}, batch {args.batch} x {lengths} tokens, {args.variant}, device {device}")
