@@ -72,3 +72,29 @@ def test_harness_runs_every_setup_and_writes_json(tmp_path, capsys):
 def test_unknown_baseline_is_refused(tmp_path):
     with pytest.raises(UsageError, match="unknown baseline"):
         bench_train.main(["--baseline", "hf-int8", "--cache-dir", str(tmp_path)])
+
+
+def test_packing_runs_the_same_examples_padded_and_packed(tmp_path, capsys):
+    assert bench_train.setup_runs(["bnb-param4"], packing=True) == [
+        "perft_qlora", "perft_qlora+packing", "bnb-param4", "bnb-param4+packing"]
+    assert bench_train.setup_runs(["bnb-param4"], packing=False) == ["perft_qlora", "bnb-param4"]
+    argv = ["--arch", "tiny", "--batch", "2", "--seq", "16", "--lengths", "uniform:2-16", "--packing", "--steps", "1",
+            "--warmup", "1", "--cache-dir", str(tmp_path / "cache")]
+    rows = []
+    for setup in ("perft_qlora", "perft_qlora+packing"):  # in this process, as each child runs them (fast)
+        assert bench_train.main([*argv, "--only", setup]) == 0
+        rows.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    padded, packed = rows
+    assert (padded["setup"], packed["setup"]) == ("perft_qlora", "perft_qlora+packing")
+    assert padded["real_tokens"] == packed["real_tokens"] >= 2 * 16 * 2  # the same examples, each seen once
+    assert packed["pad_tokens"] < padded["pad_tokens"] and packed["padding_share"] < padded["padding_share"]
+    assert packed["steps_timed"] >= 1 and packed["tokens_per_s"] > 0 and padded["tokens_per_s"] > 0
+    table = bench_train.render(rows, tokens=True)
+    assert "pad share" in table and "perft_qlora+packing" in table
+
+
+def test_lengths_are_checked_before_any_model():
+    with pytest.raises(SystemExit):
+        bench_train.make_parser().parse_args(["--lengths", "uniform:9-3"])
+    with pytest.raises(UsageError, match="longer than --seq 16"):
+        bench_train.main(["--seq", "16", "--lengths", "uniform:4-32", "--cache-dir", "/nonexistent"])

@@ -4,6 +4,7 @@
     python -m perft_qlora.bench train --arch mixtral-8x7b --batch 4 --seq 512 --num-layers 8 --baseline bnb-param4
     python -m perft_qlora.bench train --arch tiny --steps 2 --warmup 1     # CPU: checks the harness, measures nothing
     python -m perft_qlora.bench train --arch olmoe-1b-7b --num-layers 8 --offload-experts 0.25   # a quarter streamed
+    python -m perft_qlora.bench train --arch olmoe-1b-7b --seq 1024 --lengths uniform:64-1024 --packing   # padded vs packed
 
 A random-weight checkpoint at the architecture's real shapes is written once to ``--cache-dir`` and every
 setup loads it from disk as a user would. Each setup runs in its own process (so peaks do not mix) and trains
@@ -23,6 +24,15 @@ Prints a table and writes JSON (``--out``): load seconds (wall, and CPU user/sys
 while loading (the device's on CUDA, else the host's) with the host peak split into anonymous and file-backed
 resident pages (mapped checkpoint pages count, as the OOM killer counts them), weights in memory, peak memory
 while training, tokens/s. On a CPU the training peak is the process's peak RSS.
+
+Packing: ``--lengths uniform:MIN-MAX`` draws each example's length (seeded, MAX <= ``--seq``) instead of
+every example being ``--seq`` tokens, and enough examples for ``--warmup + --steps`` full steps of
+``--batch x --seq`` tokens; each setup then trains one epoch over them, padded to the longest in its batch.
+``--packing`` adds a ``SETUP+packing`` row per setup: the same examples through TRL's own packing
+(``SFTConfig(packing=True)``: best-fit decreasing into rows of ``--seq``, padding-free), after the probe
+``train --packing`` runs (``training/packing.py``; a model it refuses gets a failed row). Tokens/s then
+counts real (non-pad) tokens over the timed steps, divided by their time; the JSON also has each run's real
+and pad tokens and its padding share (pad / all tokens the model saw).
 """
 
 from __future__ import annotations
@@ -45,6 +55,8 @@ from .isolate import run_each_in_own_process
 from .random_checkpoint import ARCHES, CACHE_DIR, cached_checkpoint
 
 SETUPS = ("perft_qlora", "hf-qlora", "hf-bf16", "bnb-param4")
+PACKED = "+packing"
+"""Suffix of a setup's packed run (``--packing``)."""
 GIB = 2**30
 
 
@@ -148,43 +160,101 @@ class _StepTimer:
         self.times.append(time.perf_counter() - self._start)
 
 
+def lengths_spec(text: str) -> tuple[int, int]:
+    """``--lengths uniform:MIN-MAX``: (MIN, MAX), each example's length drawn uniformly in [MIN, MAX]."""
+    kind, _, span = text.partition(":")
+    low, _, high = span.partition("-")
+    try:
+        bounds = (int(low), int(high))
+    except ValueError:
+        bounds = (0, 0)
+    if kind != "uniform" or not 1 <= bounds[0] <= bounds[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: pass uniform:MIN-MAX with 1 <= MIN <= MAX, e.g. uniform:16-256")
+    return bounds
+
+
+def random_examples(args, vocab: int) -> list[list[int]]:
+    """The random token ids every setup trains on (seed 0): ``--batch x (--warmup + --steps)`` rows of ``--seq``
+    tokens, or with ``--lengths`` examples of drawn lengths until they hold that many tokens (so that packed
+    into rows of ``--seq`` they fill at least ``--warmup + --steps`` steps)."""
+    generator = torch.Generator().manual_seed(0)
+    if args.lengths is None:
+        rows = torch.randint(0, min(vocab, 256), (args.batch * (args.warmup + args.steps), args.seq), generator=generator)
+        return rows.tolist()
+    low, high = args.lengths
+    examples, total = [], 0
+    while total < args.batch * args.seq * (args.warmup + args.steps):
+        length = int(torch.randint(low, high + 1, (1,), generator=generator))
+        examples.append(torch.randint(0, min(vocab, 256), (length,), generator=generator).tolist())
+        total += length
+    return examples
+
+
+def _counting(trainer_cls):
+    """``trainer_cls`` that records (real, pad) tokens of every training step's batch: the attention mask's ones
+    of a padded batch; every token of a padding-free (packed) one, which has no mask and no padding."""
+
+    class Counting(trainer_cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.token_counts = []
+
+        def training_step(self, model, inputs, *rest, **kwargs):
+            ids = inputs["input_ids"]
+            real = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else ids.numel()
+            self.token_counts.append((real, ids.numel() - real))
+            return super().training_step(model, inputs, *rest, **kwargs)
+
+    return Counting
+
+
 def run_setup(setup: str, path: str, args) -> dict:
     """Load, then train ``warmup + steps`` steps of ``setup``; returns the measurements."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from ..training.packing import check_packing
     from ..training.trainer import PerftSFTTrainer
 
+    base, packing = setup.removesuffix(PACKED), setup.endswith(PACKED)
     with LoadMeter(args.device) as meter:  # host peak as anonymous + file-backed pages, device peak
-        model, tokenizer = build_model(setup, path, args)
+        model, tokenizer = build_model(base, path, args)
     load, weights = meter.report, _weights_bytes(model)
-    generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    rows = torch.randint(0, min(vocab, 256), (args.batch * (args.warmup + args.steps), args.seq), generator=generator)
-    dataset = Dataset.from_dict({"input_ids": rows.tolist()})
+    if packing:
+        check_packing(model)  # as train --packing: refused in one line where packed examples would see each other
+    dataset = Dataset.from_dict({"input_ids": random_examples(args, model.config.vocab_size)})
     on_cpu = not str(args.device).startswith("cuda")
+    # Fixed lengths: warmup + steps steps. Drawn lengths: one epoch, so padded and packed see the same examples.
+    length = {"max_steps": args.warmup + args.steps} if args.lengths is None else {"num_train_epochs": 1}
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(
-            output_dir=out, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch,
+            output_dir=out, **length, per_device_train_batch_size=args.batch, packing=packing,
             learning_rate=1e-5, logging_steps=10_000, save_strategy="no", report_to=["none"], max_length=args.seq,
             activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False},
             use_cpu=on_cpu, bf16=not on_cpu, dataloader_pin_memory=not on_cpu, disable_tqdm=True,
         )
         timer = _StepTimer()
         callback = type("StepTimer", (TrainerCallback,), {"on_step_begin": timer.on_step_begin, "on_step_end": timer.on_step_end})()
-        trainer_cls = PerftSFTTrainer if setup == "perft_qlora" else SFTTrainer
+        trainer_cls = _counting(PerftSFTTrainer if base == "perft_qlora" else SFTTrainer)
         trainer = trainer_cls(model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
         _reset_peak()
         trainer.train()
+    if len(timer.times) <= args.warmup:
+        raise UsageError(f"{setup}: {len(timer.times)} steps, none after --warmup {args.warmup}; lower --warmup")
     step = statistics.median(timer.times[args.warmup:])
+    counts = trainer.token_counts[:len(timer.times)]
+    real, pad = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    timed_real = sum(c[0] for c in counts[args.warmup:])
+    tokens_per_s = args.batch * args.seq / step if args.lengths is None else timed_real / sum(timer.times[args.warmup:])
     return {
         "setup": setup, "load_s": load.seconds, "load_user_s": load.user_s, "load_sys_s": load.sys_s,
         "load_peak_gib": (load.device_peak if load.device_peak is not None else load.host.peak) / GIB,
         "load_host_peak_gib": load.host.peak / GIB, "load_host_anon_gib": load.host.peak_anon / GIB,
         "load_host_file_gib": load.host.peak_file / GIB, "weights_gib": weights / GIB,
-        "train_peak_gib": peak_memory_bytes()[1] / GIB, "step_s": step, "tokens_per_s": args.batch * args.seq / step,
-        "steps_timed": len(timer.times) - args.warmup,
+        "train_peak_gib": peak_memory_bytes()[1] / GIB, "step_s": step, "tokens_per_s": tokens_per_s,
+        "steps_timed": len(timer.times) - args.warmup, "real_tokens": real, "pad_tokens": pad,
+        "padding_share": pad / max(1, real + pad),
         "offloaded_layers": len(getattr(getattr(model, "expert_placement", None), "offloaded", ())),
         "kernels": {"requested": os.environ.get("PERFT_QLORA_KERNELS", "auto"), **_kernel_choices()},
     }
@@ -196,18 +266,21 @@ def _kernel_choices() -> dict:
     return backend_choices()
 
 
-def render(rows: list[dict]) -> str:
-    head = (f"{'setup':<12} {'load s':>8} {'load peak':>10} {'host anon':>10} {'host file':>10} {'weights':>9} "
-            f"{'train peak':>11} {'tokens/s':>10}")
+def render(rows: list[dict], tokens: bool = False) -> str:
+    """The table; ``tokens`` adds the real-token and padding-share columns (``--lengths`` / ``--packing``)."""
+    width = max(12, *(len(r["setup"]) + 1 for r in rows))
+    head = (f"{'setup':<{width}} {'load s':>8} {'load peak':>10} {'host anon':>10} {'host file':>10} {'weights':>9} "
+            f"{'train peak':>11} {'tokens/s':>10}" + (f" {'real tokens':>12} {'pad share':>9}" if tokens else ""))
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['setup']:<12} failed: {r['error']}")
+            lines.append(f"{r['setup']:<{width}} failed: {r['error']}")
             continue
-        lines.append(f"{r['setup']:<12} {r['load_s']:>8.1f} {r['load_peak_gib']:>8.2f} G "
+        lines.append(f"{r['setup']:<{width}} {r['load_s']:>8.1f} {r['load_peak_gib']:>8.2f} G "
                      f"{r['load_host_anon_gib']:>8.2f} G "
                      f"{r['load_host_file_gib']:>8.2f} G {r['weights_gib']:>7.2f} G "
-                     f"{r['train_peak_gib']:>9.2f} G {r['tokens_per_s']:>10,.0f}")
+                     f"{r['train_peak_gib']:>9.2f} G {r['tokens_per_s']:>10,.0f}"
+                     + (f" {r['real_tokens']:>12,} {r['padding_share']:>9.1%}" if tokens else ""))
     return "\n".join(lines)
 
 
@@ -218,6 +291,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-layers", type=int, default=None, help="cut the model to this many decoder layers (default: all of the architecture's)")
     p.add_argument("--batch", type=int, default=16, help="sequences per step (default: %(default)s)")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--lengths", type=lengths_spec, default=None, metavar="uniform:MIN-MAX",
+                   help="draw each example's length (seeded, MAX <= --seq) and train one epoch over them "
+                        "(default: every example --seq tokens)")
+    p.add_argument("--packing", action="store_true",
+                   help="also run each setup packed (TRL packing, padding-free) on the same examples: SETUP+packing")
     p.add_argument("--variant", default="perft", choices=("perft", "perft_e", "perft_d", "perft_s"),
                    help="PERFT variant of the perft_qlora setup (default: %(default)s)")
     p.add_argument("--num-experts", type=int, default=4, help="M (default: %(default)s)")
@@ -237,6 +315,11 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def setup_runs(baselines: list[str], packing: bool) -> list[str]:
+    """The rows, in order: perft_qlora then each baseline, each followed by its packed run with ``--packing``."""
+    return [run for setup in ["perft_qlora", *baselines] for run in (setup, setup + PACKED)[:1 + packing]]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -245,17 +328,23 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(baselines) - set(SETUPS[1:]))
     if unknown:
         raise UsageError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(SETUPS[1:])}")
+    if args.lengths is not None and args.lengths[1] > args.seq:
+        raise UsageError(f"--lengths uniform:{args.lengths[0]}-{args.lengths[1]} is longer than --seq {args.seq}; "
+                         f"lower its MAX or raise --seq")
     path = cached_checkpoint(args.arch, args.num_layers, args.cache_dir)
     name = os.path.basename(path)
     if args.only:
         print(json.dumps(run_setup(args.only, path, args)))
         return 0
-    rows = run_each_in_own_process("train", argv if argv is not None else sys.argv[1:], ["perft_qlora", *baselines])
+    rows = run_each_in_own_process("train", argv if argv is not None else sys.argv[1:], setup_runs(baselines, args.packing))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"{name}, batch {args.batch} x {args.seq} tokens, {args.variant}, device {device}")
-    print(render(rows))
+    lengths = f"{args.seq}" if args.lengths is None else f"{args.lengths[0]}-{args.lengths[1]} (uniform)"
+    print(f"{name}, batch {args.batch} x {lengths} tokens, {args.variant}, device {device}")
+    print(render(rows, tokens=args.lengths is not None or args.packing))
     if args.out:
+        spec = None if args.lengths is None else f"uniform:{args.lengths[0]}-{args.lengths[1]}"
         with open(args.out, "w") as handle:
-            json.dump({"arch": name, "batch": args.batch, "seq": args.seq, "device": device, "results": rows}, handle, indent=2)
+            json.dump({"arch": name, "batch": args.batch, "seq": args.seq, "device": device, "lengths": spec,
+                       "packing": args.packing, "results": rows}, handle, indent=2)
     return 0 if all("error" not in r for r in rows) else 1
 
