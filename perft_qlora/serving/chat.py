@@ -32,6 +32,7 @@ from ..method.model import iter_perft_blocks
 from ..method.recorder import RouterRecorder
 from ..quant.arch import get_arch
 from ..quant.loader import load_model
+from .generator import sampling_kwargs
 
 BASE = "base"
 """Name of the base model's column; no adapter may take it."""
@@ -67,10 +68,7 @@ class GenerationSettings:
             raise ChatError(f"top-p must be in (0, 1], got {self.top_p}")
 
     def generate_kwargs(self) -> dict:
-        if self.greedy:
-            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
-        return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": float(self.temperature),
-                "top_p": float(self.top_p)}
+        return sampling_kwargs(self.max_new_tokens, self.greedy, self.temperature, self.top_p)
 
 
 @dataclass

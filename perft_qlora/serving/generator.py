@@ -75,10 +75,15 @@ class Sampling:
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
 
     def generate_kwargs(self) -> dict:
-        if self.greedy:
-            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
-        return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature,
-                "top_p": self.top_p}
+        return sampling_kwargs(self.max_new_tokens, self.greedy, self.temperature, self.top_p)
+
+
+def sampling_kwargs(max_new_tokens: int, greedy: bool, temperature: float, top_p: float) -> dict:
+    """``model.generate`` keyword arguments: greedy, or sampled at ``temperature`` / ``top_p`` (also the app's)."""
+    if greedy:
+        return {"max_new_tokens": max_new_tokens, "do_sample": False}
+    return {"max_new_tokens": max_new_tokens, "do_sample": True, "temperature": float(temperature),
+            "top_p": float(top_p)}
 
 
 class Generator:

@@ -67,7 +67,6 @@ def resolve_resume(options: TrainOptions, remove: bool = True) -> str | None:
 
     ``remove=False`` (every rank but the first under data parallel) decides the same but deletes nothing: by the
     time it looks, rank 0 has already started over and written this run's files."""
-    check_output_dir(options.output_dir)
     earlier = earlier_outputs(options.output_dir, options.demo_base)  # refuses what is not ours, touching nothing
     if remove:
         for line in clean_leftovers(options.output_dir):
